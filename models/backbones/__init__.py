@@ -1,0 +1,1 @@
+"""Backbones written with the official checkpoint key names."""

@@ -1,0 +1,55 @@
+"""Where the user's licensed assets are, and one-line messages when they are not.
+
+Every asset is found from, in order: an explicit argument / CLI option, an environment variable, then the
+default folder under ``~/.occbench``. Nothing is ever downloaded.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+HOME = Path(os.environ.get("OCCBENCH_HOME", Path.home() / ".occbench"))
+
+# env var -> (default folder, what goes there, where to get it)
+ASSET_DIRS = {
+    "OCCBENCH_SMPL_DIR": (HOME / "smpl", "SMPL_NEUTRAL/MALE/FEMALE .pkl or .npz",
+                          "https://smpl.is.tue.mpg.de (SMPL for Python, v1.1.0)"),
+    "OCCBENCH_DATA_DIR": (HOME / "data", "J_regressor_h36m.npy, J_regressor_extra.npy, smpl_mean_params.npz",
+                          "SPIN's fetch_data.sh (https://github.com/nkolot/SPIN) or PARE's data release"),
+    "OCCBENCH_CHECKPOINT_DIR": (HOME / "checkpoints", "official model checkpoints",
+                                "the model's entry in `occbench models`"),
+    "OCCBENCH_DATASETS_DIR": (HOME / "datasets", "3DPW, 3DOH, Human3.6M, DTD, VOC folders",
+                              "each dataset's site (see README)"),
+}
+
+
+class MissingAssetError(FileNotFoundError):
+    """A licensed asset is missing. ``str(err)`` is one line: what, where it was looked for, where to get it."""
+
+
+def asset_dir(env_var: str, explicit: str | os.PathLike | None = None) -> Path:
+    if explicit is not None:
+        return Path(explicit).expanduser()
+    if os.environ.get(env_var):
+        return Path(os.environ[env_var]).expanduser()
+    return ASSET_DIRS[env_var][0]
+
+
+def find_file(filenames, env_var: str, explicit_dir=None, what: str = "", source: str = "") -> Path:
+    """First of ``filenames`` that exists in the asset folder of ``env_var``; else MissingAssetError."""
+    folder = asset_dir(env_var, explicit_dir)
+    for name in filenames:
+        if (folder / name).is_file():
+            return folder / name
+    names = " or ".join(filenames)
+    source = source or ASSET_DIRS[env_var][2]
+    raise MissingAssetError(
+        f"{what + ': ' if what else ''}{names} not found in {folder} (set {env_var} or pass the path); "
+        f"get it from {source}")
+
+
+def cache_dir() -> Path:
+    """Where occbench keeps what it generates itself (stand-in body, demo data)."""
+    path = Path(os.environ.get("OCCBENCH_CACHE_DIR", HOME / "cache"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path

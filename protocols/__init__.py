@@ -1,0 +1,1 @@
+"""Built-in protocol definitions (one TOML file each) and their loader."""
