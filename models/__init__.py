@@ -46,12 +46,16 @@ def get_entry(name: str) -> ModelEntry:
     return ZOO[name]
 
 
-def build_model(name: str, **options):
-    """The network with random weights (architecture only, no body model, no checkpoint)."""
+def build_model(name: str, mean_params: dict | None = None, **options):
+    """The network with random weights (architecture only, no body model, no checkpoint).
+
+    mean_params: SPIN's smpl_mean_params.npz as a dict (pose (144,), shape (10,), cam (3,)); None takes
+    :func:`occbench.body.load_mean_params` (the stand-in's when the user has no SPIN data folder).
+    """
     entry = get_entry(name)
     module_name, func_name = entry.builder.split(":")
     builder = getattr(importlib.import_module(module_name), func_name)
-    return builder(**{**entry.options, **options})
+    return builder(mean_params=mean_params, **{**entry.options, **options})
 
 
 def _load_entries() -> None:

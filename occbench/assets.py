@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from occbench.errors import UserError
+
 HOME = Path(os.environ.get("OCCBENCH_HOME", Path.home() / ".occbench"))
 
 # env var -> (default folder, what goes there, where to get it)
@@ -23,7 +25,7 @@ ASSET_DIRS = {
 }
 
 
-class MissingAssetError(FileNotFoundError):
+class MissingAssetError(UserError, FileNotFoundError):
     """A licensed asset is missing. ``str(err)`` is one line: what, where it was looked for, where to get it."""
 
 
