@@ -47,7 +47,7 @@ def test_models_lists_every_entry_without_building(tmp_path, monkeypatch):
         entry = get_entry(name)
         assert entry.checkpoint_files[0] in result.output
     assert f"found: {tmp_path / 'model_checkpoint.pt'}" in result.output        # spin's file is present
-    assert "get it from https://github.com/mkocabas/PARE" in result.output        # pare's is not
+    assert "source: https://github.com/mkocabas/PARE" in result.output        # pare's is not
     assert "input 320x320" in result.output                                       # 3DNBF's input size
 
     monkeypatch.setenv("OCCBENCH_CHECKPOINT_DIR", str(tmp_path))
@@ -84,6 +84,9 @@ def test_check_checkpoint_mismatch_exits_1_and_names_keys(tmp_path, fake_zoo):
     partial = CliRunner().invoke(cli, ["check-checkpoint", "--model", "spin", str(path), "--allow-partial"])
     assert partial.exit_code == 0
     assert "2 of 4 tensors would load" in partial.output
+    with pytest.raises(SystemExit) as info:                 # the console entry point's exit status
+        main(["check-checkpoint", "--model", "spin", str(path)])
+    assert info.value.code == 1
     as_json = CliRunner().invoke(cli, ["check-checkpoint", "--model", "spin", str(path), "--json"])
     assert as_json.exit_code == 1
     assert json.loads(as_json.output)["missing"] == ["conv.bias"]

@@ -265,13 +265,23 @@ def test_shapes_are_checked():
         M.mpjpe(torch.zeros(2, 14, 3), torch.zeros(2, 14, 3), torch.ones(2, 13, dtype=torch.bool))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (checked on the GPU runner)")
-def test_cuda_matches_cpu():
-    gt = torch.tensor(_skeleton(5), dtype=torch.float32)
-    pred = gt + 0.02
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_every_metric_keeps_device_and_dtype(device, dtype):
+    gt64 = torch.tensor(_skeleton(5))
+    pred64 = gt64 + 0.02 * torch.tensor(np.random.default_rng(9).normal(size=gt64.shape))
     mask = torch.ones(5, 14, dtype=torch.bool)
     mask[0, 3] = False
-    cpu = M.pa_mpjpe(pred, gt, mask)
-    gpu = M.pa_mpjpe(pred.cuda(), gt.cuda(), mask.cuda())
-    assert gpu.device.type == "cuda"
-    torch.testing.assert_close(gpu.cpu(), cpu, equal_nan=True, atol=1e-3, rtol=1e-4)
+    reference = M.pa_mpjpe(pred64, gt64, mask)
+    gt, pred, mask_d = gt64.to(device, dtype), pred64.to(device, dtype), mask.to(device)
+    outputs = [M.mpjpe(pred, gt, mask_d), M.pa_mpjpe(pred, gt, mask_d), M.axis_mje(pred, gt, mask_d),
+               M.pve(pred, gt), M.align_pelvis(pred, "mid-hip"),
+               M.head_size_lsp14(gt[..., :2], mask_d)]
+    for out in outputs:
+        assert out.device.type == device and out.dtype == dtype
+    torch.testing.assert_close(outputs[1].cpu().double(), reference, equal_nan=True, atol=1e-3, rtol=1e-4)
+    assert M.pckh(pred[..., :2], gt[..., :2], outputs[-1], mask_d).device.type == device
+    assert M.reduce(outputs[0], mask_d, "pooled-visible").dtype == dtype

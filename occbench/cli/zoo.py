@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import json
+import sys
 
 import click
 
@@ -60,7 +61,7 @@ def models(checkpoint_dir, as_json):
         if found:
             click.echo(f"    found: {found}")
         else:
-            click.echo(f"    not found in {folder}; get it from {entry.checkpoint_source}")
+            click.echo(f"    not found in {folder}; source: {entry.checkpoint_source}")
         if entry.license:
             click.echo(f"  license: {entry.license}")
 
@@ -105,4 +106,6 @@ def check_checkpoint(model_name, file, option_pairs, allow_partial, data_dir, as
         return
     if not as_json:
         click.echo("to run with the matching tensors only, pass --allow-partial", err=True)
-    raise click.exceptions.Exit(1)
+    # sys.exit, not ctx.exit: occbench.cli.main runs click with standalone_mode=False, which turns
+    # click's Exit into a return value that the console script would drop (exit status 0).
+    sys.exit(1)
