@@ -48,7 +48,7 @@ def main(argv=None):
     """Console entry point: user errors are one line on stderr and exit code 2, never a traceback."""
     from occbench.errors import UserError
     try:
-        cli.main(args=argv, prog_name="occbench", standalone_mode=False)
+        rc = cli.main(args=argv, prog_name="occbench", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
@@ -60,6 +60,8 @@ def main(argv=None):
         sys.exit(2)
     except click.exceptions.Exit as err:
         sys.exit(err.exit_code)
+    if isinstance(rc, int) and rc:
+        sys.exit(rc)
 
 
 if __name__ == "__main__":
