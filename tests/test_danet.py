@@ -252,3 +252,63 @@ def test_mean_params_fill_the_buffers(model):
     torch.testing.assert_close(regressor.mean_pose[0], torch.as_tensor(MEAN_PARAMS["pose"]))
     torch.testing.assert_close(regressor.mean_cam_shape[0, :3], torch.as_tensor(MEAN_PARAMS["cam"]))
     assert math.isclose(float(regressor.mean_cam_shape[0, 3:].abs().sum()), 0.0)
+
+
+# ------------------------------------------------------------------------------------- checkpoints
+@pytest.fixture(scope="module")
+def official_state() -> dict:
+    """A random state dict with exactly the keys, shapes and dtypes of danet_model_h36m_itw.pt.
+
+    BatchNorm running variances are made positive (|x| + 0.5) so that the forward pass is meaningful."""
+    from occbench.checkpoints import random_state_dict_from_manifest
+    state = random_state_dict_from_manifest(manifest_file(), seed=7)
+    for key, value in state.items():
+        if key.endswith("running_var"):
+            state[key] = value.abs() + 0.5
+    return state
+
+
+def test_official_container_loads_strictly_through_load_model(tmp_path, official_state):
+    from occbench.checkpoints import save_in_official_container
+    from occbench.zoo import load_model
+
+    state = official_state
+    path = save_in_official_container(state, tmp_path / "danet_model_h36m_itw.pt", container="model-dict")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        model = load_model("danet", checkpoint=path, device="cpu", weights="checkpoint")
+        report = model.provenance["checkpoint_report"]
+        assert report["ok"] and report["applied"]
+        assert report["counts"]["loaded"] == len(model.state_dict()) == 2120
+        assert sorted(report["known_unused"]) == sorted(k for k in state if is_known_unused(k))
+        assert report["missing"] == report["unexpected"] == report["misshaped"] == []
+        # every tensor the model holds is the file's tensor (nothing left at its random init)
+        for key, value in model.state_dict().items():
+            assert torch.equal(value, state[key]), key
+        with torch.no_grad():
+            prediction = model.predict(torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(2)))
+    finally:
+        torch.set_num_threads(threads)
+    assert prediction.rotmat.shape == (1, 24, 3, 3) and prediction.vertices.shape == (1, 6890, 3)
+    assert prediction.joints2d.shape == (1, 14, 2)
+    for tensor in (prediction.rotmat, prediction.betas, prediction.cam, prediction.vertices):
+        assert torch.isfinite(tensor).all()
+
+
+def test_a_checkpoint_missing_a_used_key_is_refused_by_name(tmp_path, official_state, model):
+    from occbench.checkpoints import load_checkpoint_into, save_in_official_container
+    from occbench.errors import UserError
+
+    state = dict(official_state)
+    del state["iuv2smpl.smpl_para_Outs.edge_importance"]
+    state["img2iuv.learned_ratio"] = torch.zeros(25)
+    path = save_in_official_container(state, tmp_path / "broken.pt", container="model-dict")
+    entry = get_entry("danet")
+    before = model.iuv2smpl.smpl_para_Outs.edge_importance.detach().clone()
+    with pytest.raises(UserError) as err:
+        load_checkpoint_into(model, path, strip_prefixes=entry.strip_prefixes, known_unused=entry.known_unused)
+    message = str(err.value)
+    assert "iuv2smpl.smpl_para_Outs.edge_importance" in message and "img2iuv.learned_ratio" in message
+    assert str(path) in message
+    assert torch.equal(model.iuv2smpl.smpl_para_Outs.edge_importance, before)  # a refused file changes nothing
