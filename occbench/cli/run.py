@@ -1,0 +1,89 @@
+"""``occbench protocols``, ``occbench run``, ``occbench merge``."""
+from __future__ import annotations
+
+import click
+
+
+@click.command()
+@click.option("--verbose", "-v", is_flag=True, help="Print every parameter of every protocol.")
+def protocols(verbose):
+    """List the built-in protocols with their parameters (a .toml path works wherever a name does)."""
+    from occbench.protocol import builtin_names, load_protocol
+    shown_fields = {
+        "clean": (), "occsens": ("size", "stride", "fill", "indexing", "reference", "report", "reduction"),
+        "advocc": ("size", "stride", "fill", "textures", "visible_only", "report", "reduction"),
+        "hkmr": ("patterns", "docs", "placement", "copies", "fill", "bar_length", "bar_angle", "rect_aspect",
+                 "jitter"),
+        "voc": ("copies", "min_objects", "max_objects", "reference"),
+    }
+    for name in builtin_names():
+        p = load_protocol(name)
+        n = p.n_windows(224)
+        click.echo(f"{name:24s} {p.kind:8s} {n:4d} windows/sample  {p.description}")
+        params = p.params()
+        keys = [k for k in params if k not in ("name", "kind", "description", "source")] if verbose \
+            else shown_fields[p.kind]
+        if keys:
+            click.echo("    " + ", ".join(f"{k}={params[k]}" for k in keys))
+
+
+@click.command()
+@click.option("--model", "-m", "model_name", help="Zoo model name (`occbench models`).")
+@click.option("--protocol", "-p", "protocol_name", help="Built-in protocol name or a .toml file.")
+@click.option("--dataset", "-d", default="demo", show_default=True, help="Dataset name or SPIN-format npz.")
+@click.option("--dataset-root", default=None, help="Folder of the dataset (else OCCBENCH_DATASETS_DIR).")
+@click.option("--checkpoint", default=None, help="Official checkpoint file (else looked up).")
+@click.option("--weights", type=click.Choice(["checkpoint", "random"]), default="checkpoint", show_default=True,
+              help="'random' = seeded random weights for smoke runs (labelled in results).")
+@click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE",
+              help="Architecture option, e.g. backbone=resnet50 (repeatable).")
+@click.option("--out", "out_dir", default=None, help="Run directory (default runs/<model>-<protocol>-...).")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--batch-size", default=None, type=int, help="Default: measured (fastest on this device).")
+@click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
+@click.option("--memory-format", type=click.Choice(["auto", "channels_last", "contiguous"]), default="auto",
+              show_default=True)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+@click.option("--limit", default=None, type=int, help="Only the first N samples.")
+@click.option("--shard", default=None, help="k/N: run the k-th of N disjoint slices (join with `occbench merge`).")
+@click.option("--replay", default=None, help="Finished run dir: evaluate its worst window of every sample.")
+@click.option("--dtd-root", default=None, help="DTD folder (dtd/ or dtd/images) for AdvOcc textures.")
+@click.option("--voc-root", default=None, help="Pascal VOC 2012 folder (VOCdevkit/VOC2012) for voc-objects.")
+@click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
+              help="Override a protocol field, e.g. --set stride=20 --set reference=clean (repeatable).")
+@click.option("--no-progress", is_flag=True)
+def run(model_name, protocol_name, dataset, dataset_root, checkpoint, weights, model_options, out_dir, seed,
+        batch_size, precision, memory_format, device, limit, shard, replay, dtd_root, voc_root, overrides,
+        no_progress):
+    """Run a protocol end to end and write a run directory (resumes when it exists)."""
+    from occbench.errors import UserError
+    from occbench.protocol import parse_override
+    if not model_name:
+        raise UserError("--model is required (`occbench models` lists them)")
+    if not protocol_name and not replay:
+        raise UserError("--protocol is required (`occbench protocols` lists them)")
+    from occbench.models import model_names
+    if model_name not in model_names():
+        raise UserError(f"unknown model {model_name!r}; valid names: {', '.join(model_names())}")
+    protocol_overrides = dict(parse_override(o) for o in overrides)
+    if protocol_name:   # fail on a bad protocol before loading the model
+        from occbench.protocol import load_protocol
+        load_protocol(protocol_name, **protocol_overrides)
+    options = dict(parse_override(o) for o in model_options)
+    from occbench.data import open_dataset
+    from occbench.engine import run_protocol
+    from occbench.zoo import load_model
+    model = load_model(model_name, checkpoint=checkpoint, device=device, weights=weights, seed=seed, **options)
+    data = open_dataset(dataset, root=dataset_root)
+    run_protocol(model, data, protocol_name, out_dir, seed=seed, batch_size=batch_size, precision=precision,
+                 memory_format=memory_format, limit=limit, shard=shard, replay=replay, dtd_root=dtd_root,
+                 voc_root=voc_root, progress=not no_progress, protocol_overrides=protocol_overrides or None)
+
+
+@click.command()
+@click.argument("shard_dirs", nargs=-1, required=True)
+@click.option("--out", "out_dir", required=True, help="Run directory of the merged run.")
+def merge(shard_dirs, out_dir):
+    """Join the shard run directories of one run (`occbench run --shard k/N`) into one run directory."""
+    from occbench.engine import merge_runs
+    merge_runs(shard_dirs, out_dir)
