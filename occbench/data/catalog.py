@@ -78,7 +78,8 @@ def dataset_status(name: str, root=None) -> dict:
         from occbench.data.synthetic import demo_dir
         folder = demo_dir()
         return {"name": name, "root": str(folder), "found": (folder / "dataset.json").is_file(),
-                "what": "synthetic stand-in demo set (generated on first use)", "source": "occbench itself"}
+                "what": "synthetic stand-in demo set (32 samples, the default dataset)",
+                "source": "occbench itself: generated on first use or by `occbench datasets make-demo`"}
     spec = KNOWN_DATASETS[name]
     folder = dataset_root(spec, root)
     ann = find_annotation(spec, folder)
