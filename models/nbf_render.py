@@ -27,7 +27,7 @@ centred at ``t_k = d . M_k`` with width ``sigma_k`` and total optical depth
 Rendered feature ``F(p) = sum_k alpha_k(p) phi_k``; opacity ``O(p) = sum_k alpha_k(p)``.
 Like VoGE's ``max_assign``, only the ``max_kernels_per_pixel`` kernels with the largest ``c_k`` on each ray
 are kept (chosen without gradient, then evaluated with gradient); dropped kernels have negligible ``c_k``.
-Kernels behind the camera (``t_k <= 0``) are ignored; the integral assumes kernels are many sigma in front of
+Kernels behind the camera (``z <= 0``) are ignored; the integral assumes kernels are many sigma in front of
 the camera (true at the 5000 px focal length of SPIN/PARE/3DNBF, where the body is ~50 m away).
 """
 from __future__ import annotations
@@ -149,7 +149,7 @@ def render_gaussians(centers: torch.Tensor, sigma, features: torch.Tensor, camer
     dist2 = _cross_norm2(m, d)                                                          # (B,P,M)
     depth = (m * d).sum(-1)                                                             # t_k
     c = optical_depth * torch.exp(-0.5 * dist2 / (s * s))
-    c = c * (depth > 0).to(c.dtype)
+    c = c * (m[..., 2] > 0).to(c.dtype)                                                # behind the camera
 
     # Optical depth of kernel j in front of kernel k, averaged over k's extent along the ray.
     spread = torch.sqrt(s[..., :, None] ** 2 + s[..., None, :] ** 2)
