@@ -193,15 +193,15 @@ def render_gaussians_quadrature(centers: torch.Tensor, sigma, features: torch.Te
         hi = (t_mid + margin * sigma[b, :, None]).max()
         t = torch.linspace(float(lo), float(hi), samples, dtype=torch.float64)
         dt = t[1] - t[0]
-        for p in range(height * width):
-            points = t[:, None] * dirs[p]                                                # (S,3)
-            dist2 = ((points[:, None, :] - centers[b][None]) ** 2).sum(-1)              # (S,K)
-            rho_k = rho0[b] * torch.exp(-0.5 * dist2 / sigma[b] ** 2)
-            rho = rho_k.sum(-1)
-            # cumulative optical depth by the trapezoid rule
-            cum = torch.cat([rho.new_zeros(1), torch.cumsum(0.5 * (rho[1:] + rho[:-1]) * dt, 0)])
-            trans = torch.exp(-cum)
-            integrand = trans[:, None] * (rho_k @ features[b])                           # (S,C)
-            out_f[b, :, p] = torch.trapezoid(integrand, dx=dt, dim=0)
-            out_o[b, p] = torch.trapezoid(trans * rho, dx=dt)
+        points = t[None, :, None] * dirs[:, None, :]                                     # (P,S,3)
+        dist2 = ((points[:, :, None, :] - centers[b][None, None]) ** 2).sum(-1)          # (P,S,K)
+        rho_k = rho0[b] * torch.exp(-0.5 * dist2 / sigma[b] ** 2)
+        rho = rho_k.sum(-1)                                                              # (P,S)
+        # cumulative optical depth by the trapezoid rule
+        cum = torch.cat([rho.new_zeros(rho.shape[0], 1),
+                         torch.cumsum(0.5 * (rho[:, 1:] + rho[:, :-1]) * dt, 1)], dim=1)
+        trans = torch.exp(-cum)
+        integrand = trans[..., None] * (rho_k @ features[b])                             # (P,S,C)
+        out_f[b] = torch.trapezoid(integrand, dx=dt, dim=1).T
+        out_o[b] = torch.trapezoid(trans * rho, dx=dt, dim=1)
     return out_f.view(batch, -1, height, width), out_o.view(batch, height, width)
