@@ -69,6 +69,10 @@ def test_demo_is_default_and_its_gt_lies_on_the_body(demo_cache):
         inside = (xy[:, 0] >= 0) & (xy[:, 0] < labels.shape[1]) & (xy[:, 1] >= 0) & (xy[:, 1] < labels.shape[0])
         on_body += int((labels[xy[inside, 1], xy[inside, 0]] > 0).sum())
         total += len(xy)
+        crop_labels = ds.part_labels(i)
+        assert crop_labels.shape == (224, 224) and crop_labels.max() <= 24
+        j = np.clip(np.round(s.joints2d).astype(int), 0, 223)
+        assert (crop_labels[j[:, 1], j[:, 0]] > 0).mean() >= 0.5
         # the person is centred in the crop and fills a realistic part of it
         assert np.abs(s.joints2d.mean(0) - 112).max() < 45
         assert 80 < np.ptp(s.joints2d[:, 1]) < 224

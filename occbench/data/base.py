@@ -248,6 +248,20 @@ class Dataset:
                                f"(or pass image_root=/the/folder/holding/them)")
         return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 
+    def part_labels(self, i: int) -> np.ndarray | None:
+        """(crop,crop) uint8 part-label crop of sample i (0 background, 1..24 SMPL part + 1), for PARE-style
+        attention supervision; None when the dataset has no label images (only occbench's synthetic sets do)."""
+        import cv2
+
+        paths = self.records.meta.get("part_label_path")
+        if paths is None:
+            return None
+        labels = cv2.imread(paths[i], cv2.IMREAD_UNCHANGED)
+        if labels is None:
+            raise self._bad(i, f"part-label image {paths[i]} is missing or unreadable; regenerate the set")
+        return crop_image(labels, self.records.center[i], float(self.records.scale[i]), self.crop_size,
+                          nearest=True)
+
     def __getitem__(self, i: int) -> Sample:
         if not isinstance(i, (int, np.integer)):
             raise TypeError(f"dataset index must be an int, got {type(i).__name__}")

@@ -51,10 +51,15 @@ def inverse_transform_points(points, center, scale: float, res: int = CROP_SIZE)
     return out
 
 
-def crop_image(image: np.ndarray, center, scale: float, res: int = CROP_SIZE) -> np.ndarray:
-    """Cut the SPIN crop out of ``image`` (H,W,C uint8) -> (res,res,C) same dtype. One warpAffine."""
+def crop_image(image: np.ndarray, center, scale: float, res: int = CROP_SIZE, nearest: bool = False) -> np.ndarray:
+    """Cut the SPIN crop out of ``image`` (H,W[,C]) -> (res,res[,C]) same dtype. One warpAffine.
+
+    nearest: nearest-neighbour sampling and no area averaging (for label images)."""
     m = crop_transform(center, scale, res)
     zoom = m[0, 0]
+    if nearest:
+        return cv2.warpAffine(image, m, (res, res), flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT,
+                              borderValue=0)
     if zoom < 0.5:
         # Area-average first so strong down-scaling does not alias; then warp what is left.
         shrink = 2.0 * zoom

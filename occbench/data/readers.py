@@ -171,6 +171,8 @@ def read_spin_npz(path, image_root=None, subset: str | None = None, gt3d: str = 
         rec.joints2d = spin_part_to_j14(part)
     sequences = [sequence_of(nm) for nm in names]
     rec.meta["sequence"] = sequences
+    if "partname" in data:  # occbench's synthetic sets: per-pixel part labels for attention supervision
+        rec.meta["part_label_path"] = [str(image_root / decode_str(x)) for x in data["partname"]]
     info = {"format": "spin-npz", "subset": subset, "gt3d": ("smpl" if rec.pose is not None else "S"),
             "bbox_factor": bbox_factor if bbox_factor is not None else "as stored",
             "joints2d_source": "part[J24_TO_J14] (head: J24 18, else 13)" if "part" in data else "none"}

@@ -103,7 +103,7 @@ def _procedural_texture(rng: np.random.Generator, size: int) -> np.ndarray:
     kind = rng.integers(4)
     base = rng.uniform(0.15, 0.9, 3)
     other = rng.uniform(0.15, 0.9, 3)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / np.float32(size)
     if kind == 0:  # blurred multi-scale noise
         img = np.zeros((size, size), np.float32)
         for cells in (4, 16, 64):
@@ -120,8 +120,9 @@ def _procedural_texture(rng: np.random.Generator, size: int) -> np.ndarray:
     else:  # floor/wall split with a gradient
         horizon = rng.uniform(0.4, 0.75)
         t = np.where(yy > horizon, 1.0, yy / horizon * 0.6)[..., None].astype(np.float32)
-    img = base * (1 - t) + other * t
-    img += rng.normal(0, 0.03, img.shape)
+    t = t.astype(np.float32)
+    img = base.astype(np.float32) * (1 - t) + other.astype(np.float32) * t
+    img += rng.normal(0, 0.03, img.shape).astype(np.float32)
     return (np.clip(img, 0, 1) * 255).astype(np.uint8)
 
 
@@ -201,6 +202,12 @@ class _Renderer:
         self.face_part = np.where(fl[:, 1] == fl[:, 2], fl[:, 1], fl[:, 0])
         self.code = np.repeat(((self.face_part + 1) * 10 / 255.0), 3)
         self.indices = np.arange(3 * len(self.faces)).reshape(-1, 3)
+        # vertex-face incidence: vertex normal = sum of the (area-weighted) normals of its faces
+        import scipy.sparse
+        rows = self.faces.reshape(-1)
+        cols = np.repeat(np.arange(len(self.faces)), 3)
+        self.incidence = scipy.sparse.csr_matrix((np.ones(len(rows)), (rows, cols)),
+                                                 shape=(int(self.faces.max()) + 1, len(self.faces)))
         self.renderer = pyrender.OffscreenRenderer(size, size)
         self.camera = pyrender.IntrinsicsCamera(fx=focal, fy=focal, cx=size / 2, cy=size / 2, znear=0.05,
                                                 zfar=100.0)
@@ -208,9 +215,7 @@ class _Renderer:
     def _vertex_normals(self, verts: np.ndarray) -> np.ndarray:
         tri = verts[self.faces]
         fn = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
-        vn = np.zeros_like(verts)
-        for k in range(3):
-            np.add.at(vn, self.faces[:, k], fn)
+        vn = self.incidence @ fn
         return vn / np.maximum(np.linalg.norm(vn, axis=1, keepdims=True), 1e-12)
 
     def render(self, vertices_cv: np.ndarray):
