@@ -795,7 +795,7 @@ def merge_runs(shard_dirs, out_dir) -> Path:
     metrics = summarize(out, all_chunks)
     out.concatenate(all_chunks)
     write_json(out.path / "metrics.json", metrics)
-    out.update(**config, status="complete")
+    out.update(**{**config, "status": "complete"})
     print(format_summary(out.config, metrics))
     print(f"run directory: {out.path}")
     return out.path

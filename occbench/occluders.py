@@ -222,21 +222,38 @@ def occluder_masks(table: dict, height: int, width: int, device) -> torch.Tensor
 
     One batched tensor expression for all windows; rows with ``occ_hw <= 0`` give an empty mask (clean copy).
     """
+    shape = np.asarray(table["occ_shape"])
+    angle = np.asarray(table["occ_angle"], dtype=np.float64)
+    if ((shape == SHAPE_BOX) | (shape < 0)).all() and (angle == 0).all():
+        # axis-aligned boxes (every sliding-window protocol): separable, one broadcast AND
+        cx, cy = np.asarray(table["occ_cx"], np.float64), np.asarray(table["occ_cy"], np.float64)
+        hw, hh = np.asarray(table["occ_hw"], np.float64), np.asarray(table["occ_hh"], np.float64)
+        hw, hh = np.where(shape < 0, 0.0, hw), np.where(shape < 0, 0.0, hh)
+        # the same half-open test as the general path, evaluated exactly on the host per row/column
+        x_in = torch.as_tensor(_interval(cx - hw, cx + hw, width), device=device)
+        y_in = torch.as_tensor(_interval(cy - hh, cy + hh, height), device=device)
+        return (y_in[:, :, None] & x_in[:, None, :]).unsqueeze(1)
+
     def col(name):
-        return torch.as_tensor(np.asarray(table[name], dtype=np.float64), device=device).view(-1, 1, 1)
+        return torch.as_tensor(np.asarray(table[name], dtype=np.float32), device=device).view(-1, 1, 1)
 
     cx, cy, hw, hh, angle = (col(n) for n in GEOMETRY_COLUMNS[:5])
     is_ellipse = col("occ_shape") == SHAPE_ELLIPSE
-    ys = torch.arange(height, device=device, dtype=torch.float64).view(1, -1, 1)
-    xs = torch.arange(width, device=device, dtype=torch.float64).view(1, 1, -1)
+    ys = torch.arange(height, device=device, dtype=torch.float32).view(1, -1, 1)
+    xs = torch.arange(width, device=device, dtype=torch.float32).view(1, 1, -1)
     cos, sin = torch.cos(angle), torch.sin(angle)
-    # exact axis alignment for angle 0 (cos(0) = 1, sin(0) = 0) keeps integer windows exact
     u = (xs - cx) * cos + (ys - cy) * sin
     v = (ys - cy) * cos - (xs - cx) * sin
     box = (u >= -hw) & (u < hw) & (v >= -hh) & (v < hh)
     ellipse = (u / hw.clamp_min(1e-9)) ** 2 + (v / hh.clamp_min(1e-9)) ** 2 <= 1.0
     mask = torch.where(is_ellipse, ellipse, box) & (hw > 0) & (hh > 0)
     return mask.unsqueeze(1)
+
+
+def _interval(low: np.ndarray, high: np.ndarray, n: int) -> np.ndarray:
+    """(B, n) bool: pixel coordinate i in [low, high) per row (empty where high <= low)."""
+    coords = np.arange(n, dtype=np.float64)[None, :]
+    return (coords >= low[:, None]) & (coords < high[:, None])
 
 
 def points_inside(table: dict, points: np.ndarray) -> np.ndarray:
