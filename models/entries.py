@@ -8,7 +8,7 @@ register(ModelEntry(
     name="pare",
     description="PARE: part attention regressor (HRNet-W32 default; backbone='resnet50' with head='2x128'|'3x256')",
     builder="occbench.models.pare:build",
-    options={"backbone": "hrnet_w32"},
+    options={"backbone": "hrnet_w32", "head": "2x128"},
     checkpoint_files=("pare_checkpoint.ckpt", "pare_w_3dpw_checkpoint.ckpt"),
     checkpoint_source="https://github.com/mkocabas/PARE (scripts/prepare_data.sh: data/pare/checkpoints/)",
     checkpoint_format="lightning",
