@@ -138,6 +138,8 @@ def _fake_smpl_pickle(path, protocol):
         def __init__(self, x):
             self.x = x
             self._dirty_vars = set()
+            self._itr = None
+            self._depends_on_deps = {}
     Ch.__module__, Ch.__qualname__ = "chumpy.ch", "Ch"
     chumpy_ch.Ch = Ch
     chumpy.ch = chumpy_ch
@@ -155,7 +157,7 @@ def _fake_smpl_pickle(path, protocol):
     return data
 
 
-@pytest.mark.parametrize("protocol", [2, 4])
+@pytest.mark.parametrize("protocol", [0, 2, 4])
 def test_pkl_with_chumpy_loads_without_chumpy(tmp_path, protocol):
     pkl = tmp_path / "SMPL_NEUTRAL.pkl"
     data = _fake_smpl_pickle(pkl, protocol)
