@@ -40,7 +40,7 @@ NUM_PART_MAPS = NUM_JOINTS + 1  # 24 parts + background (channel 0)
 SMPL_FEATURES = 64
 BN_MOMENTUM = 0.1
 HEADS = {"2x128": (2, 128), "3x256": (3, 256)}
-BACKBONES = ("hrnet_w32", "resnet50")
+BACKBONES = ("hrnet_w32", "resnet50", "resnet18")
 # official layout file of each configuration (shared/reference/manifests)
 MANIFESTS = {("hrnet_w32", "2x128"): "pare_hrnet_w32.tsv", ("resnet50", "2x128"): "pare_resnet50.tsv",
              ("resnet50", "3x256"): "pare_resnet50_3x256.tsv"}
@@ -101,8 +101,11 @@ class PareHead(nn.Module):
     """
 
     def __init__(self, in_channels: int, num_layers: int, filters: int, upsample: bool,
-                 mean_params: dict | None = None) -> None:
+                 mean_params: dict | None = None, use_mean_pose: bool = False,
+                 use_mean_camshape: bool = False) -> None:
         super().__init__()
+        # PARE's config switches: add the init_* mean parameters to the regressed 6D pose / betas and camera
+        self.use_mean_pose, self.use_mean_camshape = use_mean_pose, use_mean_camshape
         self.keypoint_deconv_layers = _branch(num_layers, in_channels, filters, upsample)
         self.smpl_deconv_layers = _branch(num_layers, in_channels, filters, upsample)
         self.keypoint_final_layer = nn.Conv2d(filters, NUM_PART_MAPS, kernel_size=1)
@@ -130,7 +133,12 @@ class PareHead(nn.Module):
         shape_feats = attention_pool(self.smpl_final_layer(smpl_feats), attention)      # (B,64,24)
         pose6d = self.pose_mlp(pose_feats.unsqueeze(-1)).squeeze(-1).transpose(1, 2)    # (B,24,6)
         flat = shape_feats.flatten(1)                                                   # (B,1536)
-        return pose6d, self.shape_mlp(flat), self.cam_mlp(flat), part_maps
+        betas, cam = self.shape_mlp(flat), self.cam_mlp(flat)
+        if self.use_mean_pose:
+            pose6d = pose6d + self.init_pose.view(1, NUM_JOINTS, 6)
+        if self.use_mean_camshape:
+            betas, cam = betas + self.init_shape, cam + self.init_cam
+        return pose6d, betas, cam, part_maps
 
 
 class PARE(ZooModel):
@@ -142,25 +150,36 @@ class PARE(ZooModel):
     name = "pare"
     input_size = 224
 
-    def __init__(self, backbone: str = "hrnet_w32", head: str = "2x128", mean_params: dict | None = None) -> None:
+    def __init__(self, backbone: str = "hrnet_w32", head: str = "2x128", mean_params: dict | None = None,
+                 input_size: int = 224, backbone_stages: int = 4, use_mean_pose: bool = False,
+                 use_mean_camshape: bool = False) -> None:
         super().__init__()
         if backbone not in BACKBONES:
             raise ValueError(f"pare backbone must be one of {BACKBONES}, not {backbone!r}")
         if head not in HEADS:
             raise ValueError(f"pare head must be one of {tuple(HEADS)}, not {head!r}")
+        if input_size % 32:
+            raise ValueError(f"pare input_size must be a multiple of 32, not {input_size}")
+        if backbone_stages != 4 and not backbone.startswith("resnet"):
+            raise ValueError("pare backbone_stages < 4 exists only for ResNet backbones")
         self.backbone_name, self.head_name = backbone, head
+        self.input_size = int(input_size)
+        self.backbone_stages = int(backbone_stages)
         if backbone == "hrnet_w32":
             # final_layer is in the released file but unused: left out here, accepted as known-unused on load
             self.backbone = HRNet(32, output="concat_conv")
         else:
-            self.backbone = ResNet(50)
+            self.backbone = ResNet(int(backbone[len("resnet"):]), num_stages=self.backbone_stages)
         num_layers, filters = HEADS[head]
         self.head = PareHead(self.backbone.out_channels, num_layers, filters,
-                             upsample=backbone.startswith("resnet"), mean_params=mean_params)
+                             upsample=backbone.startswith("resnet"), mean_params=mean_params,
+                             use_mean_pose=use_mean_pose, use_mean_camshape=use_mean_camshape)
 
     @property
     def manifest(self) -> str | None:
         """Name of the official layout file of this configuration, or None when none exists."""
+        if self.backbone_stages != 4:
+            return None
         return MANIFESTS.get((self.backbone_name, self.head_name))
 
     def regress(self, images: torch.Tensor):
@@ -169,11 +188,23 @@ class PARE(ZooModel):
         return rotmat, betas, cam, {"part_maps": part_maps, "pose6d": pose6d}
 
 
-def build(mean_params: dict | None = None, backbone: str = "hrnet_w32", head: str = "2x128") -> PARE:
+def build(mean_params: dict | None = None, backbone: str = "hrnet_w32", head: str = "2x128",
+          input_size: int = 224, backbone_stages: int = 4, use_mean_pose: bool = False,
+          use_mean_camshape: bool = False) -> PARE:
     """PARE with random weights (load the official file with occbench.load_model).
 
-    backbone: "hrnet_w32" (the released pare_checkpoint.ckpt) or "resnet50".
+    backbone: "hrnet_w32" (the released pare_checkpoint.ckpt), "resnet50", or "resnet18" (small
+    configurations trained with ``occbench train``; no official weights).
     head: "2x128" (2 deconv layers of 128 filters: the released HRNet model, and the R50 layout of
     pare_resnet50.tsv) or "3x256" (PARE's default config, used by 3DNBF's PARE baseline).
+    input_size: network input (crops are resized from 224; protocol geometry scales by input_size/224).
+    backbone_stages: 4, or 3 to stop a ResNet after layer3 (stride 16; a cheaper trunk).
+    use_mean_pose / use_mean_camshape: PARE's config switches adding the SPIN mean parameters
+    (``head.init_*`` buffers) to the regressed pose / shape and camera (off in the released models).
+    occbench adds the mean 6D pose joint by joint (``init_pose.view(24, 6)``); the official code reshapes
+    it as ``(6, 24)``, which mixes joints and components. No released checkpoint uses the switch, so
+    only models trained with occbench are affected.
     """
-    return PARE(backbone=backbone, head=head, mean_params=mean_params)
+    return PARE(backbone=backbone, head=head, mean_params=mean_params, input_size=input_size,
+                backbone_stages=backbone_stages, use_mean_pose=use_mean_pose,
+                use_mean_camshape=use_mean_camshape)

@@ -1,36 +1,21 @@
 """Backbones: official key layouts (from the manifests) and output shapes on tiny inputs."""
 import re
-from pathlib import Path
 
 import pytest
 import torch
 
+from occbench.checkpoints import manifest_path, read_manifest
 from occbench.models.backbones.hrnet import HRNet, hrnet_w32, hrnet_w48
 from occbench.models.backbones.resnet import ResNet, resnet18, resnet50
-
-MANIFESTS = Path("/work/shared/reference/manifests")
-
-
-def _manifest_dir() -> Path:
-    try:
-        from occbench.checkpoints import manifest_path
-        return Path(manifest_path("spin_hmr.tsv")).parent
-    except Exception:  # the checkpoints module may not locate manifests in every checkout
-        return MANIFESTS
 
 
 def manifest_layout(name: str, prefix: str, exclude: str | None = None) -> dict:
     """{key without prefix: shape} of the manifest entries under ``prefix``, minus keys matching ``exclude``."""
-    path = _manifest_dir() / name
-    if not path.is_file():
-        pytest.skip(f"manifest {path} not available in this checkout")
-    layout = {}
-    for line in path.read_text().splitlines():
-        key, shape, _dtype = line.split("\t")
-        if key.startswith(prefix):
-            key = key[len(prefix):]
-            if exclude is None or not re.search(exclude, key):
-                layout[key] = tuple(int(s) for s in re.findall(r"\d+", shape))
+    path = manifest_path(name)
+    if path is None:
+        pytest.skip(f"{name} not found (set OCCBENCH_MANIFESTS to shared/reference/manifests)")
+    layout = {key[len(prefix):]: shape for key, shape, _ in read_manifest(path) if key.startswith(prefix)}
+    layout = {k: v for k, v in layout.items() if exclude is None or not re.search(exclude, k)}
     assert layout, f"no key under {prefix!r} in {name}"
     return layout
 
@@ -114,3 +99,12 @@ def test_hrnet_rejects_bad_options():
         HRNet(32, output="concat_conv", multi_scale_output=False)
     with pytest.raises(ValueError, match="final_layer_channels"):
         HRNet(32, output="final_layer")
+
+
+def test_resnet_truncated_trunk():
+    r18 = ResNet(18, num_stages=3).eval()
+    assert r18.out_channels == 256 and not any(k.startswith("layer4.") for k in r18.state_dict())
+    with torch.no_grad():
+        assert r18(torch.randn(1, 3, 64, 64)).shape == (1, 256, 4, 4)
+    with pytest.raises(ValueError, match="num_stages"):
+        ResNet(18, num_stages=5)

@@ -95,14 +95,17 @@ def make_res_layer(block: type, inplanes: int, planes: int, num_blocks: int, str
     return nn.Sequential(*layers)
 
 
-def trunk_modules(depth: int = 50) -> dict[str, nn.Module]:
+def trunk_modules(depth: int = 50, num_stages: int = 4) -> dict[str, nn.Module]:
     """The named modules of a ResNet trunk in registration order: conv1, bn1, relu, maxpool, layer1..4.
 
     Exposed so that a network whose official state dict holds the ResNet keys at its root (SPIN's HMR)
-    can register them on itself; run them with :func:`trunk_forward`.
+    can register them on itself; run them with :func:`trunk_forward`. ``num_stages`` < 4 truncates the
+    trunk after ``layer<num_stages>`` (a small trunk for quick CPU training; no official layout).
     """
     if depth not in LAYERS:
         raise ValueError(f"ResNet depth must be one of {sorted(LAYERS)}, not {depth}")
+    if not 1 <= num_stages <= 4:
+        raise ValueError(f"ResNet num_stages must be 1..4, not {num_stages}")
     kind, counts = LAYERS[depth]
     block = BLOCKS[kind]
     modules: dict[str, nn.Module] = {
@@ -112,7 +115,7 @@ def trunk_modules(depth: int = 50) -> dict[str, nn.Module]:
         "maxpool": nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
     }
     inplanes = 64
-    for i, (name, count) in enumerate(zip(STAGE_NAMES, counts)):
+    for i, (name, count) in enumerate(zip(STAGE_NAMES[:num_stages], counts)):
         planes = 64 * 2 ** i
         modules[name] = make_res_layer(block, inplanes, planes, count, stride=1 if i == 0 else 2)
         inplanes = planes * block.expansion
@@ -135,10 +138,13 @@ def trunk_forward(module: nn.Module, x: torch.Tensor, return_stages: bool = Fals
 
     Returns layer4 features (B,C,H/32,W/32), or with ``return_stages`` a dict with
     ``stem`` (after max-pool, stride 4) and ``layer1`` .. ``layer4`` (strides 4, 8, 16, 32).
+    A truncated trunk (``num_stages`` < 4) returns its last stage and has only the stages it built.
     """
     x = module.maxpool(module.relu(module.bn1(module.conv1(x))))
     stages = {"stem": x}
     for name in STAGE_NAMES:
+        if name not in module._modules:
+            break
         x = getattr(module, name)(x)
         stages[name] = x
     return stages if return_stages else x
@@ -148,16 +154,19 @@ class ResNet(nn.Module):
     """torchvision-layout ResNet. ``forward(x)`` -> layer4 features (B, 512*e, H/32, W/32).
 
     depth: 18, 34, 50, 101 or 152.
+    num_stages: 4 (the full trunk) or fewer: stop after ``layer<num_stages>`` (output stride 2**(num_stages+1),
+    ``64 * 2**(num_stages-1) * e`` channels).
     num_classes: None (no ``fc``, the layout of every occbench port) or the size of an ``fc`` classifier
     over global-average-pooled features (``forward`` then returns logits).
     """
 
-    def __init__(self, depth: int = 50, num_classes: int | None = None) -> None:
+    def __init__(self, depth: int = 50, num_classes: int | None = None, num_stages: int = 4) -> None:
         super().__init__()
         self.depth = depth
-        for name, m in trunk_modules(depth).items():
+        self.num_stages = num_stages
+        for name, m in trunk_modules(depth, num_stages).items():
             self.add_module(name, m)
-        self.out_channels = 512 * BLOCKS[LAYERS[depth][0]].expansion
+        self.out_channels = 64 * 2 ** (num_stages - 1) * BLOCKS[LAYERS[depth][0]].expansion
         self.fc = nn.Linear(self.out_channels, num_classes) if num_classes else None
         init_resnet_weights(self)
 
