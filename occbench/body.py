@@ -252,6 +252,8 @@ def load_body_model(smpl_dir=None, data_dir=None, gender: str = "neutral", devic
     if regressor_file is not None:
         files["j_regressor_h36m"] = str(regressor_file)
     provenance = {"files": files, "sha256": {key: _cached_sha256(path) for key, path in files.items()}}
+    if is_standin:
+        provenance["standin_version"] = (folder / "STANDIN.txt").read_text().splitlines()[0]
     body = BodyModel(arrays, regressor, gender=gender, is_standin=is_standin, provenance=provenance)
     return body.to(device) if device is not None else body
 

@@ -33,6 +33,7 @@ def test_shapes_and_provenance(body):
     assert body.is_standin and body.provenance["standin"]
     assert body.provenance["joint_regressor"] == "h36m"
     assert len(body.provenance["sha256"]["smpl"]) == 64
+    assert body.provenance["standin_version"].startswith("occbench-standin-")
     assert torch.allclose(out.joints_lsp, out.joints_h36m[:, list(H36M_TO_J14)])
 
 
