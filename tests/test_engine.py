@@ -272,3 +272,15 @@ def test_resume_after_kill_is_identical(tmp_path):
     for table in ("joints", "samples", "failed"):
         pd.testing.assert_frame_equal(read(killed, table), read(straight, table))
     assert json.loads((killed / "run.json").read_text())["resumed"] == 1
+
+
+def test_voc_objects_end_to_end(model, tmp_path):
+    from test_occluders import _fake_voc
+    _fake_voc(tmp_path / "voc")
+    run = run_protocol(model, TinyDataset(2), "voc-objects", tmp_path / "run", voc_root=tmp_path / "voc",
+                       batch_size=4, memory_format="contiguous", quiet=True, protocol_overrides={"copies": 3})
+    joints = read(run, "joints")
+    assert sorted(set(joints["window"])) == [-1, 0, 1, 2]
+    clean = joints[joints["window"] == -1]["mpjpe"].to_numpy()
+    occluded = joints[joints["window"] == 0]["mpjpe"].to_numpy()
+    assert not np.allclose(clean, occluded)
