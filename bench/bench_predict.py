@@ -20,15 +20,18 @@ Peak memory:
 - CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the memory allocated
   before the calls.
 Model configurations: every entry of ``occbench.models.model_names()`` with its default options, plus
-PARE's ResNet-50 heads; entries whose builder module does not exist yet are listed as skipped.
+PARE's ResNet-50 heads; entries whose builder module does not exist yet are listed as skipped. Each
+(model, batch) runs in its own interpreter (see :func:`run_worker`); a failing port is reported, not fatal.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
 import json
+import os
 import platform
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -132,6 +135,31 @@ def bench_one(name: str, options: dict, batch_sizes: list[int], device: torch.de
     return rows
 
 
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def run_worker(name: str, options: dict, batch: int, args) -> dict:
+    """Bench one (model, batch) in a fresh interpreter, so that memory freed by an earlier configuration
+    (kept by the allocator) cannot hide this one's peak. Returns the row, or a row with "failed"."""
+    command = [sys.executable, __file__, "--worker", json.dumps({"model": name, "options": options,
+                                                                   "batch": batch}),
+               "--device", args.device, "--min-seconds", str(args.min_seconds),
+               "--min-repeats", str(args.min_repeats)] + (["--threads", str(args.threads)] if args.threads else [])
+    done = subprocess.run(command, capture_output=True, text=True)
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"model": name, "options": options, "batch": batch, "failed": tail}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--models", nargs="*", help="zoo names (default: all)")
@@ -141,13 +169,21 @@ def main(argv=None) -> int:
     parser.add_argument("--min-seconds", type=float, default=3.0)
     parser.add_argument("--min-repeats", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the rows and the machine description here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
+    if args.worker:
+        job = json.loads(args.worker)
+        row = bench_one(job["model"], job["options"], [job["batch"]], device, args.min_seconds,
+                        args.min_repeats)[0]
+        print(json.dumps(row))
+        return 0
     machine = {"python": platform.python_version(), "torch": torch.__version__, "device": str(device),
-               "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+               "threads": torch.get_num_threads(), "cpu": cpu_name(), "cpu_count": os.cpu_count(),
+               "load_average_at_start": os.getloadavg(),
                "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
     print(f"# predict benchmark: {machine}")
     print(f"{'model':34s} {'batch':>5s} {'images/s':>10s} {'s/call':>8s} {'peak MiB':>10s}")
@@ -158,17 +194,16 @@ def main(argv=None) -> int:
             print(f"{label:34s} skipped: {skip}")
             rows.append({"model": name, "options": options, "skipped": skip})
             continue
-        try:
-            results = bench_one(name, options, args.batch_sizes, device, args.min_seconds, args.min_repeats)
-        except Exception as error:  # one broken port must not hide the others' numbers
-            print(f"{label:34s} failed: {type(error).__name__}: {error}")
-            rows.append({"model": name, "options": options, "failed": f"{type(error).__name__}: {error}"})
-            continue
-        for row in results:
+        for batch in args.batch_sizes:
+            row = run_worker(name, options, batch, args)
+            rows.append(row)
+            if "failed" in row:
+                print(f"{label:34s} {batch:5d} failed: {row['failed']}", flush=True)
+                continue
             mark = " (lb)" if row["peak_is_lower_bound"] else ""
             print(f"{label:34s} {row['batch']:5d} {row['images_per_s']:10.2f} {row['seconds_per_call']:8.3f} "
                   f"{row['peak_mib']:10.1f}{mark}", flush=True)
-        rows.extend(results)
+    machine["load_average_at_end"] = os.getloadavg()
     if args.json:
         args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2))
     return 0
