@@ -1,0 +1,358 @@
+"""Run directories as pandas tables: tidy errors, summaries with bootstrap CIs, per-joint tables, DoC curves,
+heatmaps, and comparisons across runs that refuse to mix conventions silently.
+
+    import occbench
+    run = occbench.load_run("runs/pare-advocc80")
+    run.summary()            # clean / occluded / worst-window MPJPE, PA-MPJPE, PCKh with 95% CIs
+    run.per_joint()          # PARE Fig. 6, BoPR Table 6
+    cmp = occbench.compare_runs([run_a, run_b]); cmp.table; cmp.flags
+
+Window -1 of every run is the clean copy, so degradation is measured inside each run against its own clean
+predictions on the same samples.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from occbench.errors import UserError
+
+JOINT_NAMES = ("right_ankle", "right_knee", "right_hip", "left_hip", "left_knee", "left_ankle", "right_wrist",
+               "right_elbow", "right_shoulder", "left_shoulder", "left_elbow", "left_wrist", "neck", "head_top")
+METRICS = ("mpjpe", "pa_mpjpe", "pckh")
+AXIS_COLUMNS = ("err_x", "err_y", "err_z")
+
+
+def bootstrap_ratio(numerators: np.ndarray, denominators: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                    level: float = 0.95) -> tuple[float, float, float]:
+    """Estimate sum(num)/sum(den) and its percentile bootstrap CI, resampling the rows (samples).
+
+    numerators, denominators: (N,) per-sample sums and counts. With den = 1 this is the mean over samples
+    (per-sample reduction); with den = visible-joint counts it is the pooled mean (pooled-visible).
+    """
+    num = np.asarray(numerators, dtype=np.float64)
+    den = np.asarray(denominators, dtype=np.float64)
+    keep = den > 0
+    num, den = num[keep], den[keep]
+    if len(num) == 0:
+        return float("nan"), float("nan"), float("nan")
+    estimate = num.sum() / den.sum()
+    if len(num) == 1 or n_boot <= 0:
+        return float(estimate), float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(num), size=(n_boot, len(num)))
+    boots = num[idx].sum(1) / np.maximum(den[idx].sum(1), 1e-12)
+    alpha = (1 - level) / 2
+    return float(estimate), float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
+
+
+@dataclass
+class Run:
+    """One run directory. Tables load lazily; every table carries model, protocol and dataset columns."""
+
+    path: Path
+    config: dict
+    metrics: dict = field(default_factory=dict)
+
+    # ---------------------------------------------------------------- identity
+    @property
+    def model(self) -> str:
+        return self.config["model"]["name"]
+
+    @property
+    def protocol(self) -> str:
+        return self.config["protocol"]["name"]
+
+    @property
+    def dataset(self) -> str:
+        return self.config["dataset"]["name"]
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} | {self.protocol} | {self.dataset}"
+
+    @property
+    def reduction(self) -> str:
+        return self.config["protocol"].get("reduction", "per-sample")
+
+    @property
+    def source(self) -> str:
+        """Which windows the protocol reports: clean, occluded (all windows) or worst (per sample)."""
+        protocol = self.config["protocol"]
+        if protocol["kind"] == "clean":
+            return "clean"
+        return "worst" if protocol.get("report") == "worst" else "occluded"
+
+    def warnings(self) -> list[str]:
+        """Reasons these numbers are not comparable to published tables."""
+        out = []
+        conv = self.config.get("conventions", {})
+        if conv.get("body_model_standin"):
+            out.append("stand-in body model (not SMPL): numbers are not comparable to published results")
+        if self.config["model"].get("weights") == "random":
+            out.append("random weights: a smoke run, the numbers mean nothing")
+        trained_on = (self.config.get("model_provenance") or {}).get("trained_on")
+        if trained_on:
+            out.append(f"model trained on {trained_on}: not comparable to published numbers")
+        textures = self.config.get("textures") or {}
+        if textures and not textures.get("comparable", True):
+            out.append(f"fallback textures ({textures.get('kind')}): not comparable to published AdvOcc numbers")
+        if self.config.get("replay"):
+            out.append(f"replayed adversarial set from {self.config['replay'].get('model')} (transfer attack)")
+        if self.config.get("limit"):
+            out.append(f"--limit {self.config['limit']}: a subset of the dataset")
+        if conv.get("joint_regressor") == "smpl24-fallback":
+            out.append("LSP-14 joints from SMPL's 24 joints (no J_regressor_h36m): not comparable")
+        return out
+
+    # ---------------------------------------------------------------- raw tables
+    @cached_property
+    def joints(self) -> pd.DataFrame:
+        """Per (sample, window, joint) rows as the engine wrote them (window -1 = clean)."""
+        return pd.read_parquet(self.path / "joints.parquet")
+
+    @cached_property
+    def samples(self) -> pd.DataFrame:
+        return pd.read_parquet(self.path / "samples.parquet")
+
+    @cached_property
+    def failed(self) -> pd.DataFrame:
+        path = self.path / "failed.parquet"
+        return pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=["sample_id", "reason"])
+
+    def tidy(self) -> pd.DataFrame:
+        """Long form: model, protocol, dataset, sample, window, joint, metric, value (visible joints only)."""
+        rows = self.joints[self.joints["visible"]]
+        metrics = [m for m in METRICS + AXIS_COLUMNS + ("pve",) if m in rows]
+        long = rows.melt(id_vars=["sample_id", "window", "joint"], value_vars=metrics, var_name="metric",
+                         value_name="value").rename(columns={"sample_id": "sample"})
+        long = long.dropna(subset=["value"])
+        long.insert(0, "dataset", self.dataset)
+        long.insert(0, "protocol", self.protocol)
+        long.insert(0, "model", self.model)
+        return long.reset_index(drop=True)
+
+    def _selected(self, source: str) -> pd.DataFrame:
+        rows = self.joints[self.joints["visible"]]
+        window = rows["window"].to_numpy()
+        if source == "clean":
+            return rows[window < 0]
+        if source == "occluded":
+            return rows[window >= 0]
+        if source == "worst":
+            worst = dict(zip(self.samples["sample_index"], self.samples["worst_window"]))
+            return rows[(window >= 0) & (window == rows["sample_index"].map(worst).to_numpy())]
+        raise ValueError(f"source must be clean, occluded or worst, not {source!r}")
+
+    # ---------------------------------------------------------------- summaries
+    def metric_estimate(self, metric: str, source: str, reduction: str | None = None, n_boot: int = 1000,
+                        seed: int = 0) -> tuple[float, float, float, int]:
+        """(value, ci_low, ci_high, n_samples) of ``metric`` over the ``source`` windows.
+
+        mpjpe / pa_mpjpe / axis errors: ``per-sample`` = mean over joints of each (sample, window), mean over
+        windows, mean over samples; ``pooled-visible`` = mean over all visible joint instances. pckh: per joint
+        over its visible instances, then the mean over joints, in %. CIs resample samples.
+        """
+        reduction = reduction or self.reduction
+        rows = self._selected(source)
+        rows = rows[np.isfinite(rows[metric].to_numpy(dtype=np.float64))]
+        if rows.empty:
+            return float("nan"), float("nan"), float("nan"), 0
+        n = int(rows["sample_index"].nunique())
+        if metric == "pckh":
+            return (*_pckh_bootstrap(rows, n_boot, seed), n)
+        if reduction == "per-sample":
+            per_window = rows.groupby(["sample_index", "window"])[metric].mean()
+            per_sample = per_window.groupby(level=0).mean()
+            est = bootstrap_ratio(per_sample.to_numpy(), np.ones(len(per_sample)), n_boot, seed)
+        else:
+            grouped = rows.groupby("sample_index")[metric]
+            est = bootstrap_ratio(grouped.sum().to_numpy(), grouped.count().to_numpy(), n_boot, seed)
+        return (*est, n)
+
+    def summary(self, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+        """One row per (source, metric): clean, the protocol's occluded numbers, degradation vs clean."""
+        sources = ["clean"] if self.source == "clean" else ["clean", "occluded"] + (
+            ["worst"] if self.source == "worst" else [])
+        records = []
+        for source in sources:
+            for metric in METRICS:
+                value, low, high, n = self.metric_estimate(metric, source, n_boot=n_boot, seed=seed)
+                records.append({"model": self.model, "protocol": self.protocol, "dataset": self.dataset,
+                                "source": source, "metric": metric, "value": value, "ci_low": low,
+                                "ci_high": high, "n_samples": n, "reduction": self.reduction})
+        table = pd.DataFrame.from_records(records)
+        clean = table[table["source"] == "clean"].set_index("metric")["value"]
+        table["delta_vs_clean"] = table["value"] - table["metric"].map(clean)
+        table["delta_pct"] = 100.0 * table["delta_vs_clean"] / table["metric"].map(clean)
+        return table
+
+    def headline(self) -> dict:
+        """The protocol's own numbers (its reported windows and reduction): mpjpe, pa_mpjpe, pckh."""
+        return {m: self.metric_estimate(m, self.source, n_boot=0)[0] for m in METRICS}
+
+    def per_joint(self, metric: str = "mpjpe") -> pd.DataFrame:
+        """Mean ``metric`` per joint (visible instances) for clean and the protocol's windows (PARE Fig. 6)."""
+        out = pd.DataFrame({"joint": range(len(JOINT_NAMES)), "joint_name": JOINT_NAMES})
+        for source in dict.fromkeys(["clean", self.source]):
+            rows = self._selected(source)
+            out[source] = out["joint"].map(rows.groupby("joint")[metric].mean())
+        out.insert(0, "model", self.model)
+        return out
+
+    def axis_mje(self, source: str | None = None) -> pd.DataFrame:
+        """BoPR Table 3: mean absolute error per axis x, y, z (mm) after pelvis alignment."""
+        missing = [c for c in AXIS_COLUMNS if c not in self.joints]
+        if missing:
+            raise UserError(f"{self.path}: run has no per-axis errors ({', '.join(missing)}); "
+                            "re-run it with this occbench version")
+        rows = self._selected(source or self.source)
+        values = {axis[-1]: float(rows[axis].abs().mean()) for axis in AXIS_COLUMNS}
+        return pd.DataFrame([{"model": self.model, "protocol": self.protocol, "source": source or self.source,
+                              **values}])
+
+    def doc_curve(self, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
+        """HKMR Fig. 6: MPJPE per (pattern, degree of occlusion), per-sample reduction, with 95% CIs."""
+        rows = self._selected("occluded")
+        rows = rows[rows["doc"] > 0]
+        records = []
+        for (pattern, doc), part in rows.groupby(["pattern", "doc"]):
+            per_sample = part.groupby(["sample_index", "window"])["mpjpe"].mean().groupby(level=0).mean()
+            value, low, high = bootstrap_ratio(per_sample.to_numpy(), np.ones(len(per_sample)), n_boot, seed)
+            records.append({"model": self.model, "pattern": pattern, "doc": int(doc), "mpjpe": value,
+                            "ci_low": low, "ci_high": high, "n_samples": len(per_sample)})
+        return pd.DataFrame.from_records(records, columns=["model", "pattern", "doc", "mpjpe", "ci_low",
+                                                           "ci_high", "n_samples"])
+
+    # ---------------------------------------------------------------- heatmaps
+    @property
+    def has_grid(self) -> bool:
+        return self.config["protocol"]["kind"] in ("occsens", "advocc")
+
+    def window_errors(self, sample_id: str | None = None, metric: str = "mpjpe") -> pd.DataFrame:
+        """(window x joint) errors of one sample, or averaged over samples; columns: window, anchor_x,
+        anchor_y, one column per joint name and ``mean`` (the mean over the window's visible joints)."""
+        rows = self.joints[(self.joints["window"] >= 0) & self.joints["visible"]]
+        if sample_id is not None:
+            rows = rows[rows["sample_id"] == sample_id]
+            if rows.empty:
+                raise UserError(f"{self.path}: no windows for sample {sample_id!r}")
+        per_joint = rows.pivot_table(index="window", columns="joint", values=metric, aggfunc="mean")
+        per_joint.columns = [JOINT_NAMES[j] for j in per_joint.columns]
+        # mean over joints within each (sample, window) first, then over samples
+        mean = rows.groupby(["sample_index", "window"])[metric].mean().groupby(level="window").mean()
+        anchors = rows.groupby("window")[["anchor_x", "anchor_y"]].first()
+        return anchors.join(per_joint).assign(mean=mean).reset_index()
+
+    def heatmaps(self, sample_id: str | None = None, metric: str = "mpjpe") -> tuple[np.ndarray, list[str]]:
+        """(15,224,224) maps (14 joints + mean) for one sample or averaged over the dataset, and titles."""
+        from occbench.heatmaps import window_map
+        if not self.has_grid:
+            raise UserError(f"{self.path}: protocol {self.protocol} has no window grid to draw as a heatmap")
+        table = self.window_errors(sample_id, metric)
+        indexing = self.config["protocol"].get("indexing", "top-left")
+        names = list(JOINT_NAMES) + ["mean"]
+        maps = np.stack([window_map(table[name].to_numpy() if name in table else np.full(len(table), np.nan),
+                                    table["anchor_x"].to_numpy(), table["anchor_y"].to_numpy(), indexing)
+                         for name in names])
+        return maps, names
+
+
+def _pckh_bootstrap(rows: pd.DataFrame, n_boot: int, seed: int) -> tuple[float, float, float]:
+    """PCKh (%): per joint over visible instances, then the mean over joints; bootstrap over samples."""
+    counts = rows.pivot_table(index="sample_index", columns="joint", values="pckh", aggfunc=["sum", "count"],
+                              fill_value=0)
+    correct, total = counts["sum"].to_numpy(np.float64), counts["count"].to_numpy(np.float64)
+
+    def estimate(c, t):
+        with np.errstate(invalid="ignore", divide="ignore"):
+            per_joint = c.sum(0) / t.sum(0)
+        return 100.0 * np.nanmean(per_joint)
+
+    value = float(estimate(correct, total))
+    if len(correct) < 2 or n_boot <= 0:
+        return value, float("nan"), float("nan")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(correct), size=(n_boot, len(correct)))
+    boots = np.array([estimate(correct[i], total[i]) for i in idx])
+    return value, float(np.nanquantile(boots, 0.025)), float(np.nanquantile(boots, 0.975))
+
+
+def load_run(path) -> Run:
+    """Open a finished run directory (``occbench run --out DIR``)."""
+    path = Path(path)
+    if not (path / "run.json").is_file():
+        raise UserError(f"{path} is not a run directory (no run.json); pass the --out folder of `occbench run`")
+    config = json.loads((path / "run.json").read_text())
+    if not (path / "joints.parquet").is_file():
+        raise UserError(f"{path}: the run is not finished (no joints.parquet); run the same command again "
+                        "to resume it, or `occbench merge` its shards")
+    metrics_path = path / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    return Run(path=path, config=config, metrics=metrics)
+
+
+# Conventions that must agree before two runs' numbers are put side by side.
+COMPARED_CONVENTIONS = ("pelvis", "joint_set", "reduction", "body_model_standin", "joint_regressor")
+
+
+@dataclass
+class Comparison:
+    """Several runs side by side. ``flags`` lists every convention difference (never silently mixed)."""
+
+    runs: list
+    table: pd.DataFrame
+    flags: list
+
+    def to_markdown(self) -> str:
+        return _markdown(self.table)
+
+    def to_latex(self) -> str:
+        return self.table.to_latex(index=False, float_format="%.1f")
+
+
+def compare_runs(runs, n_boot: int = 1000, seed: int = 0) -> Comparison:
+    """Summaries of several runs in one table (one row per run: clean and protocol numbers with CIs)."""
+    runs = [r if isinstance(r, Run) else load_run(r) for r in runs]
+    flags = []
+    for key in COMPARED_CONVENTIONS:
+        values = {r.label: (r.config.get("conventions") or {}).get(key) for r in runs}
+        if len(set(map(json.dumps, values.values()))) > 1:
+            flags.append(f"convention '{key}' differs: " + "; ".join(f"{k}: {v}" for k, v in values.items()))
+    for (a, b) in zip(runs, runs[1:]):
+        if a.dataset != b.dataset:
+            flags.append(f"datasets differ: {a.label} vs {b.label}")
+        if a.config["protocol"] != b.config["protocol"]:
+            flags.append(f"protocols differ: {a.label} vs {b.label}")
+        if a.config.get("limit") != b.config.get("limit") or a.config.get("n_samples") != b.config.get("n_samples"):
+            flags.append(f"sample sets differ: {a.label} ({a.config.get('n_samples')} samples) vs "
+                         f"{b.label} ({b.config.get('n_samples')} samples)")
+        if bool(a.config.get("replay")) != bool(b.config.get("replay")):
+            flags.append(f"one run replays another model's adversarial set: {a.label} vs {b.label}")
+    records = []
+    for run in runs:
+        summary = run.summary(n_boot=n_boot, seed=seed)
+        record = {"model": run.model, "protocol": run.protocol, "dataset": run.dataset,
+                  "weights": run.config["model"].get("weights")}
+        for _, row in summary.iterrows():
+            if row["source"] not in ("clean", run.source):
+                continue
+            name = f"{row['metric']} ({'clean' if row['source'] == 'clean' else run.protocol})"
+            record[name] = row["value"]
+            record[name + " 95% CI"] = f"{row['ci_low']:.1f}-{row['ci_high']:.1f}"
+        records.append(record)
+    return Comparison(runs=runs, table=pd.DataFrame.from_records(records), flags=list(dict.fromkeys(flags)))
+
+
+def _markdown(table: pd.DataFrame) -> str:
+    cols = list(table.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in table.iterrows():
+        cells = [f"{v:.1f}" if isinstance(v, (float, np.floating)) else str(v) for v in row]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,150 @@
+"""Aggregation on run directories with known errors: the numbers the report shows are computed here."""
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from occbench.errors import UserError
+from occbench.heatmaps import window_map
+from occbench.results import JOINT_NAMES, bootstrap_ratio, compare_runs, load_run
+
+N_J = 14
+
+
+def write_run(path, *, model="m", protocol=None, errors, visible=None, anchors=None, doc=None, pattern=None,
+              conventions=None, worst=None, n_samples_config=None):
+    """A run dir whose errors are given: errors[sample][window] = (14,) mpjpe; window -1 is clean."""
+    protocol = protocol or {"name": "occsens40", "kind": "occsens", "report": "mean", "reduction": "per-sample",
+                            "indexing": "top-left"}
+    rows, samples = [], []
+    for s, windows in enumerate(errors):
+        for w, err in windows.items():
+            vis = np.ones(N_J, bool) if visible is None else visible[s][w]
+            ax, ay = (anchors or {}).get(w, (0.0, 0.0))
+            for j in range(N_J):
+                rows.append({"sample_index": s, "sample_id": f"s{s}", "window": w, "joint": j,
+                             "mpjpe": float(err[j]), "pa_mpjpe": float(err[j]) / 2, "pckh": float(err[j] < 100),
+                             "visible": bool(vis[j]), "occluded": False, "in_crop": True,
+                             "x0": ax, "y0": ay, "size": 40.0, "anchor_x": ax, "anchor_y": ay,
+                             "pattern": (pattern or {}).get(w, ""), "doc": (doc or {}).get(w, 0)})
+        occl = [w for w in windows if w >= 0]
+        means = {w: np.mean(windows[w]) for w in occl}
+        samples.append({"sample_index": s, "sample_id": f"s{s}",
+                        "mean_mpjpe": float(np.mean(list(means.values()))) if means else np.nan,
+                        "worst_window": (worst[s] if worst else (max(means, key=means.get) if means else -1))})
+    path.mkdir(parents=True)
+    pd.DataFrame(rows).to_parquet(path / "joints.parquet")
+    pd.DataFrame(samples).to_parquet(path / "samples.parquet")
+    config = {"model": {"name": model, "weights": "checkpoint"}, "protocol": protocol,
+              "dataset": {"name": "demo"}, "conventions": conventions or {"pelvis": "h36m-root"},
+              "n_samples": n_samples_config or len(errors)}
+    (path / "run.json").write_text(json.dumps(config))
+    return path
+
+
+def const(v):
+    return np.full(N_J, float(v))
+
+
+def test_summary_per_sample_values_and_degradation(tmp_path):
+    run_dir = write_run(tmp_path / "r", errors=[{-1: const(10), 0: const(20), 1: const(40)},
+                                                {-1: const(30), 0: const(50), 1: const(50)}])
+    run = load_run(run_dir)
+    table = run.summary(n_boot=200).set_index(["source", "metric"])
+    assert table.loc[("clean", "mpjpe"), "value"] == pytest.approx(20.0)          # (10 + 30) / 2
+    assert table.loc[("occluded", "mpjpe"), "value"] == pytest.approx(40.0)       # (30 + 50) / 2
+    assert table.loc[("occluded", "mpjpe"), "delta_vs_clean"] == pytest.approx(20.0)
+    assert table.loc[("occluded", "mpjpe"), "delta_pct"] == pytest.approx(100.0)
+    assert table.loc[("occluded", "pa_mpjpe"), "value"] == pytest.approx(20.0)
+    low, high = table.loc[("occluded", "mpjpe"), ["ci_low", "ci_high"]]
+    assert 30.0 <= low <= 40.0 <= high <= 50.0
+
+
+def test_pooled_visible_differs_from_per_sample(tmp_path):
+    vis_a = np.zeros(N_J, bool)
+    vis_a[:2] = True                      # sample 0: only 2 visible joints at error 100
+    errors = [{-1: const(0), 0: const(100)}, {-1: const(0), 0: const(10)}]
+    visible = [{-1: np.ones(N_J, bool), 0: vis_a}, {-1: np.ones(N_J, bool), 0: np.ones(N_J, bool)}]
+    protocol = {"name": "advocc80", "kind": "advocc", "report": "worst", "reduction": "pooled-visible",
+                "indexing": "top-left"}
+    run = load_run(write_run(tmp_path / "r", protocol=protocol, errors=errors, visible=visible))
+    pooled = run.metric_estimate("mpjpe", "worst", "pooled-visible", n_boot=0)[0]
+    per_sample = run.metric_estimate("mpjpe", "worst", "per-sample", n_boot=0)[0]
+    assert pooled == pytest.approx((2 * 100 + 14 * 10) / 16)
+    assert per_sample == pytest.approx(55.0)
+    assert run.source == "worst" and run.headline()["mpjpe"] == pytest.approx(pooled)
+
+
+def test_worst_window_and_per_joint(tmp_path):
+    err = const(10)
+    err[3] = 90
+    run = load_run(write_run(tmp_path / "r", errors=[{-1: const(5), 0: const(10), 1: err}],
+                             protocol={"name": "a", "kind": "advocc", "report": "worst",
+                                       "reduction": "per-sample", "indexing": "top-left"}))
+    table = run.per_joint()
+    assert table.loc[3, "worst"] == pytest.approx(90) and table.loc[0, "worst"] == pytest.approx(10)
+    assert table.loc[3, "clean"] == pytest.approx(5)
+    assert list(table["joint_name"]) == list(JOINT_NAMES)
+
+
+def test_pckh_is_per_joint_then_mean(tmp_path):
+    # joint 0 correct in sample 0 only; other joints always correct -> per joint 0.5 and 1.0
+    e0, e1 = const(10), const(10)
+    e1[0] = 500
+    run = load_run(write_run(tmp_path / "r", errors=[{-1: e0}, {-1: e1}],
+                             protocol={"name": "clean", "kind": "clean", "reduction": "per-sample"}))
+    value = run.metric_estimate("pckh", "clean", n_boot=0)[0]
+    assert value == pytest.approx(100 * (0.5 + 13) / 14)
+
+
+def test_doc_curve(tmp_path):
+    errors = [{-1: const(0), 0: const(10), 1: const(30), 2: const(20)}]
+    run = load_run(write_run(tmp_path / "r", errors=errors, doc={0: 1, 1: 2, 2: 1},
+                             pattern={0: "bar", 1: "bar", 2: "circle"},
+                             protocol={"name": "doc-sweep", "kind": "hkmr", "report": "mean",
+                                       "reduction": "per-sample"}))
+    curve = run.doc_curve(n_boot=0).set_index(["pattern", "doc"])["mpjpe"]
+    assert curve[("bar", 1)] == 10 and curve[("bar", 2)] == 30 and curve[("circle", 1)] == 20
+
+
+def test_heatmap_places_errors_at_window_anchors(tmp_path):
+    anchors = {0: (0.0, 0.0), 1: (112.0, 0.0), 2: (0.0, 112.0), 3: (112.0, 112.0)}
+    errors = [{-1: const(0), 0: const(1), 1: const(2), 2: const(3), 3: const(4)}]
+    run = load_run(write_run(tmp_path / "r", errors=errors, anchors=anchors))
+    maps, names = run.heatmaps()
+    assert maps.shape == (15, 224, 224) and names[-1] == "mean"
+    assert maps[-1, 10, 10] == 1 and maps[-1, 10, 200] == 2 and maps[-1, 200, 10] == 3 and maps[-1, 200, 200] == 4
+
+
+def test_window_map_center_indexing_interpolates():
+    values = np.array([0.0, 10.0])
+    out = window_map(values, np.array([20.0, 120.0]), np.array([50.0, 50.0]), "center")
+    assert out[50, 20] == pytest.approx(0.0, abs=0.1) and out[50, 70] == pytest.approx(5.0, abs=0.1)
+    assert out[0, 0] == pytest.approx(0.0) and out[0, 223] == pytest.approx(10.0)
+
+
+def test_compare_flags_convention_differences(tmp_path):
+    a = write_run(tmp_path / "a", model="a", errors=[{-1: const(10), 0: const(20)}])
+    b = write_run(tmp_path / "b", model="b", errors=[{-1: const(10), 0: const(30)}],
+                  conventions={"pelvis": "mid-hip"})
+    comparison = compare_runs([a, b], n_boot=0)
+    assert any("pelvis" in flag for flag in comparison.flags)
+    assert list(comparison.table["model"]) == ["a", "b"]
+    assert "| a |" in comparison.to_markdown().replace("  ", " ")
+    same = compare_runs([a, write_run(tmp_path / "c", model="c", errors=[{-1: const(1), 0: const(2)}])], n_boot=0)
+    assert same.flags == []
+
+
+def test_tidy_form(tmp_path):
+    run = load_run(write_run(tmp_path / "r", errors=[{-1: const(10), 0: const(20)}]))
+    tidy = run.tidy()
+    assert list(tidy.columns) == ["model", "protocol", "dataset", "sample", "window", "joint", "metric", "value"]
+    assert len(tidy) == 2 * N_J * 3
+
+
+def test_bootstrap_ratio_and_errors(tmp_path):
+    est, low, high = bootstrap_ratio(np.array([1.0, 2, 3, 4]), np.ones(4), n_boot=500)
+    assert est == 2.5 and low < 2.5 < high
+    with pytest.raises(UserError, match="not a run directory"):
+        load_run(tmp_path)
