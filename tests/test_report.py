@@ -1,0 +1,75 @@
+"""The HTML report: built from runs with known errors, opened in headless Chromium."""
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from runfactory import N_J, const, write_predictions, write_run
+
+from occbench.report import write_report
+from occbench.results import JOINT_NAMES, load_run
+from occbench.sensmesh import accumulate_run
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "reports" / "test-artifacts"
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--enable-unsafe-swiftshader", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def grid_run(path, model, centre_error):
+    """6x6 occsens40 grid: windows over the crop centre (where the body is) cost ``centre_error`` mm."""
+    errors, anchors = {-1: const(10)}, {}
+    for w in range(36):
+        x0, y0 = 40.0 * (w % 6), 40.0 * (w // 6)
+        anchors[w] = (x0, y0)
+        on_body = 60 <= x0 + 20 <= 164 and 20 <= y0 + 20 <= 204
+        errors[w] = const(centre_error if on_body else 12)
+    run = write_run(path, model=model, errors=[errors, errors], anchors=anchors,
+                    conventions={"pelvis": "h36m-root", "body_model_standin": True})
+    write_predictions(run, 2)
+    return run
+
+
+def test_sensitivity_mesh_concentrates_on_occluded_body(tmp_path):
+    from occbench.body import load_body_model
+    run = load_run(grid_run(tmp_path / "a", "a", 200))
+    body = load_body_model()
+    values = accumulate_run(run, body, pd.read_parquet(run.path / "predictions.parquet"), JOINT_NAMES).mean()
+    assert values.shape == (6890, 15)
+    covered = np.isfinite(values[:, -1])
+    assert 0.2 < covered.mean() < 0.9           # front vertices covered, back vertices hidden
+    assert np.nanmean(values[:, -1]) > 100      # the body sits under the expensive windows
+
+
+def chromium():
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert path, "Debian's chromium is missing: `make test` installs it (apt-get install chromium)"
+    return path
+
+
+def test_report_renders_in_headless_chromium(tmp_path):
+    runs = [grid_run(tmp_path / "a", "model-a", 200), grid_run(tmp_path / "b", "model-b", 50)]
+    index = write_report(runs, tmp_path / "report", heatmap_samples=1)
+    text = index.read_text()
+    for needle in ("Summary", "Occlusion sensitivity heatmaps", "Occlusion sensitivity meshes", "Per-joint",
+                   "model-a", "model-b", "data:image/png;base64", 'class="occmesh"', "Not comparable"):
+        assert needle in text, needle
+    assert "http://" not in text and "https://" not in text          # opens offline
+    assert len(list((tmp_path / "report" / "meshes").glob("*.glb"))) == 2 * 15
+
+    browser = chromium()
+    dom = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}",
+                          "--enable-logging=stderr", "--v=0", "--dump-dom", index.as_uri()],
+                         capture_output=True, text=True, timeout=120)
+    assert 'data-ready="1"' in dom.stdout            # the WebGL mesh viewer ran to the end
+    assert dom.stdout.count("<table") >= 3 and dom.stdout.count("<img") >= 6
+    console_errors = [line for line in dom.stderr.splitlines()
+                      if "CONSOLE" in line and ("Error" in line or "Uncaught" in line)]
+    assert console_errors == []
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    shot = ARTIFACTS / "report.png"
+    subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile2'}", "--window-size=1200,3000",
+                    f"--screenshot={shot}", index.as_uri()], capture_output=True, timeout=120)
+    assert shot.is_file() and shot.stat().st_size > 10_000
