@@ -189,6 +189,7 @@ class _Context:
     textures: occ.TextureBank | None
     voc: object | None
     only: dict | None = None          # replay: sample_id -> [window]
+    max_windows: int | None = None    # only each sample's first N windows (quick looks, benchmarks)
     stats: dict = field(default_factory=lambda: {"samples": 0, "windows": 0})
 
 
@@ -252,6 +253,8 @@ def _prepare(ctx: _Context, index: int, sample):
     else:
         table = ctx.protocol.windows(sample.sample_id, ctx.input_size, ctx.seed, joints2d=joints2d,
                                      joints2d_valid=valid2d, textures=ctx.textures, only=only)
+    if ctx.max_windows is not None:
+        table = {k: v[:ctx.max_windows] for k, v in table.items()}
     return crop, joints2d, valid2d, table
 
 
@@ -283,8 +286,6 @@ def _evaluate_chunk(ctx: _Context, loaded, failed):
         if protocol.reference == "gt":
             ref3d = torch.from_numpy(np.stack([np.asarray(p[1].joints3d, np.float32) for p in prepared]))
             ref3d = ref3d.to(device)
-            if protocol.pelvis == "mid-hip" and ctx.pelvis != "mid-hip":
-                raise UserError("protocol pelvis = 'mid-hip' needs a dataset whose GT uses mid-hip")
             ref2d_np = np.stack([p[3] if p[3] is not None else np.zeros((N_JOINTS, 2)) for p in prepared])
             valid2d_np = np.stack([p[4] for p in prepared])
         else:
@@ -596,6 +597,7 @@ def _replay_windows(replay_dir, protocol: Protocol | None, seed: int | None):
 
 def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int = 0, batch_size: int | None = None,
                  precision: str = "fp32", memory_format: str = "auto", limit: int | None = None,
+                 max_windows: int | None = None,
                  shard: str | Shard | None = None, replay=None, dtd_root=None, voc_root=None,
                  chunk_samples: int | None = None, progress: bool = True, model_info: dict | None = None,
                  protocol_overrides: dict | None = None, quiet: bool = False) -> Path:
@@ -628,6 +630,8 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int = 0, batch
     n_total = len(dataset)
     n_samples = min(n_total, limit) if limit else n_total
     per_sample = protocol.n_windows(input_size) or 1
+    if max_windows is not None:
+        per_sample = max(1, min(per_sample, max_windows))
     if replay is not None:
         per_sample = 1
     chunk_samples = chunk_samples or int(min(64, max(1, math.ceil(256 / (per_sample + 1)))))
@@ -635,6 +639,11 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int = 0, batch
     model_name = (model_info or {}).get("name") or provenance.get("model") or getattr(model, "name", "model")
     conventions = dict(getattr(dataset, "conventions", {}) or {})
     pelvis = protocol.pelvis if protocol.pelvis != "dataset" else conventions.get("pelvis", "h36m-root")
+    if protocol.reference == "gt" and conventions.get("pelvis", pelvis) != pelvis:
+        # the GT joints arrive pelvis-subtracted with the dataset's convention; the prediction must match it
+        raise UserError(f"protocol {protocol.name!r} asks for pelvis = {pelvis!r} but dataset "
+                        f"{getattr(dataset, 'name', '')!r} gives GT aligned with {conventions['pelvis']!r}; "
+                        "use pelvis = 'dataset'")
     if out_dir is None:
         tag = f"-shard{shard.index}of{shard.count}" if shard else ""
         tag += f"-limit{limit}" if limit else ""
@@ -654,7 +663,8 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int = 0, batch
         chunk_samples = old.get("chunk_samples", chunk_samples)
     if batch_size is None or memory_format == "auto":
         formats = None if memory_format == "auto" else [memory_format]
-        tuned = autotune(runner, input_size, max_batch=max(1, min(64, per_sample * chunk_samples)),
+        window_batch = per_sample * min(chunk_samples, max(1, n_samples))   # most windows one chunk holds
+        tuned = autotune(runner, input_size, max_batch=max(1, min(64, window_batch)),
                          memory_formats=formats)
         batch_size = batch_size or tuned["batch_size"]
         memory_format = tuned["memory_format"]
@@ -677,6 +687,7 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int = 0, batch
         "chunk_samples": int(chunk_samples),
         "n_samples": int(n_samples),
         "limit": limit,
+        "max_windows": max_windows,
         "shard": str(shard) if shard else None,
         "textures": texture_info,
         "replay": replay_info,
@@ -701,7 +712,8 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int = 0, batch
     }
     run = RunDir.open_or_create(out_dir, {**config, **extra})
     ctx = _Context(protocol=protocol, runner=runner, input_size=input_size, seed=int(seed),
-                   batch_size=int(batch_size), pelvis=pelvis, textures=textures, voc=voc, only=only)
+                   batch_size=int(batch_size), pelvis=pelvis, textures=textures, voc=voc, only=only,
+                   max_windows=max_windows)
     chunks = plan_chunks(n_samples, chunk_samples, shard)
     todo = [c for c in chunks if not run.has_chunk(c[0])]
     total = sum(e - s for _, s, e in chunks)

@@ -35,7 +35,7 @@ from occbench.errors import UserError
 TABLES = ("joints", "samples", "failed")
 # run.json keys that must match for a resume or a merge (everything that changes the numbers)
 IDENTITY_KEYS = ("model", "dataset", "protocol", "seed", "precision", "batch_size", "memory_format",
-                 "chunk_samples", "n_samples", "textures", "replay", "conventions")
+                 "chunk_samples", "n_samples", "textures", "replay", "conventions", "max_windows")
 
 
 @dataclass(frozen=True)

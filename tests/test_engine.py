@@ -284,3 +284,16 @@ def test_voc_objects_end_to_end(model, tmp_path):
     clean = joints[joints["window"] == -1]["mpjpe"].to_numpy()
     occluded = joints[joints["window"] == 0]["mpjpe"].to_numpy()
     assert not np.allclose(clean, occluded)
+
+
+def test_benchmark_one_call_and_autotune(model, tmp_path):
+    import occbench
+    run = occbench.benchmark(model=model, protocol="occsens40", dataset=TinyDataset(1), out_dir=tmp_path / "r",
+                             max_windows=5, quiet=True)
+    config = json.loads((run / "run.json").read_text())
+    tuned = config["autotune"]
+    assert config["batch_size"] == tuned["batch_size"] and config["memory_format"] == tuned["memory_format"]
+    measured = {(m["batch"], m["format"]) for m in tuned["measurements"]}
+    assert (config["batch_size"], config["memory_format"]) in measured
+    assert max(b for b, _ in measured) <= 5                              # never more than a chunk's windows
+    assert sorted(set(read(run, "joints")["window"])) == [-1, 0, 1, 2, 3, 4]

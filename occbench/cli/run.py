@@ -45,6 +45,7 @@ def protocols(verbose):
               show_default=True)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 @click.option("--limit", default=None, type=int, help="Only the first N samples.")
+@click.option("--max-windows", default=None, type=int, help="Only each sample's first N windows (quick looks).")
 @click.option("--shard", default=None, help="k/N: run the k-th of N disjoint slices (join with `occbench merge`).")
 @click.option("--replay", default=None, help="Finished run dir: evaluate its worst window of every sample.")
 @click.option("--dtd-root", default=None, help="DTD folder (dtd/ or dtd/images) for AdvOcc textures.")
@@ -53,8 +54,8 @@ def protocols(verbose):
               help="Override a protocol field, e.g. --set stride=20 --set reference=clean (repeatable).")
 @click.option("--no-progress", is_flag=True)
 def run(model_name, protocol_name, dataset, dataset_root, checkpoint, weights, model_options, out_dir, seed,
-        batch_size, precision, memory_format, device, limit, shard, replay, dtd_root, voc_root, overrides,
-        no_progress):
+        batch_size, precision, memory_format, device, limit, max_windows, shard, replay, dtd_root, voc_root,
+        overrides, no_progress):
     """Run a protocol end to end and write a run directory (resumes when it exists)."""
     from occbench.errors import UserError
     from occbench.protocol import parse_override
@@ -76,8 +77,8 @@ def run(model_name, protocol_name, dataset, dataset_root, checkpoint, weights, m
     model = load_model(model_name, checkpoint=checkpoint, device=device, weights=weights, seed=seed, **options)
     data = open_dataset(dataset, root=dataset_root)
     run_protocol(model, data, protocol_name, out_dir, seed=seed, batch_size=batch_size, precision=precision,
-                 memory_format=memory_format, limit=limit, shard=shard, replay=replay, dtd_root=dtd_root,
-                 voc_root=voc_root, progress=not no_progress, protocol_overrides=protocol_overrides or None)
+                 memory_format=memory_format, limit=limit, max_windows=max_windows, shard=shard, replay=replay,
+                 dtd_root=dtd_root, voc_root=voc_root, progress=not no_progress, protocol_overrides=protocol_overrides or None)
 
 
 @click.command()
