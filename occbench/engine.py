@@ -108,10 +108,11 @@ class _nullcontext:
 
 
 def autotune(runner: Runner, input_size: int, max_batch: int = 64, memory_formats=None,
-             min_seconds: float = 0.25) -> dict:
+             min_seconds: float = 0.25, max_call_seconds: float = 2.0) -> dict:
     """Measure images/s at batch sizes 1, 2, 4, ... (and each memory format); pick the fastest.
 
-    Stops growing the batch once throughput falls below 85% of the best so far or the device runs out of
+    Stops growing the batch once throughput falls below 85% of the best so far, one call takes longer than
+    ``max_call_seconds`` (slow CPUs: bigger batches no longer amortize anything) or the device runs out of
     memory. Returns {"batch_size", "memory_format", "measurements": [{batch, format, images_per_s}, ...]}.
     """
     device = runner.device
@@ -144,6 +145,8 @@ def autotune(runner: Runner, input_size: int, max_batch: int = 64, memory_format
             if speed < 0.85 * best:
                 break
             best = max(best, speed)
+            if elapsed / calls > max_call_seconds:   # a call this long already amortizes per-call overhead
+                break
             batch *= 2
     choice = max(results, key=lambda r: r["images_per_s"])
     runner.set_memory_format(choice["format"])

@@ -34,12 +34,14 @@ class TinyModel(ZooModel):
     def __init__(self, input_size: int = 224, seed: int = 0):
         super().__init__()
         self.input_size = input_size
+        self.seen_sizes = set()
         torch.manual_seed(seed)
         self.net = nn.Sequential(nn.Conv2d(3, 8, 7, stride=4), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2),
                                  nn.ReLU(), nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(256, 157))
 
     def regress(self, images):
         from occbench.rotations import rot6d_to_rotmat
+        self.seen_sizes.add(tuple(images.shape[-2:]))
         out = self.net(images)
         identity6d = torch.tensor([1.0, 0.0, 0.0, 1.0, 0.0, 0.0], device=images.device).repeat(24)
         rotmat = rot6d_to_rotmat((identity6d + 0.3 * out[:, :144]).reshape(-1, 6)).view(-1, 24, 3, 3)
@@ -297,3 +299,15 @@ def test_benchmark_one_call_and_autotune(model, tmp_path):
     assert (config["batch_size"], config["memory_format"]) in measured
     assert max(b for b, _ in measured) <= 5                              # never more than a chunk's windows
     assert sorted(set(read(run, "joints")["window"])) == [-1, 0, 1, 2, 3, 4]
+
+
+def test_model_at_320_gets_occluders_drawn_at_320(tmp_path):
+    model = tiny_model(input_size=320)
+    run = run_protocol(model, TinyDataset(1), "advocc40", tmp_path / "run", batch_size=16,
+                       memory_format="contiguous", quiet=True, protocol_overrides={"stride": 40})
+    assert model.seen_sizes == {(320, 320)}
+    joints = read(run, "joints")
+    w1 = joints[joints["window"] == 1].iloc[0]
+    assert w1["occ_hw"] * 2 == 57 and w1["occ_cx"] == 57 + 28.5          # stride 40 -> 57 px at 320
+    assert w1["x0"] == pytest.approx(57 * 224 / 320) and w1["size"] == pytest.approx(57 * 224 / 320)
+    assert json.loads((run / "run.json").read_text())["model"]["input_size"] == 320
