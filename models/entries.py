@@ -108,3 +108,18 @@ register(ModelEntry(
     paper="Georgakis et al., ECCV 2020",
     license="occbench implementation (MIT)",
 ))
+
+register(ModelEntry(
+    name="pare-demo",
+    description="PARE demo model: ResNet-18 trunk cut after layer3, 2x128 head, 96 px input; weights bundled, "
+                "trained on synthetic stand-in data, not comparable to published numbers",
+    builder="occbench.models.pare:build",
+    input_size=96,
+    options={"backbone": "resnet18", "backbone_stages": 3, "head": "2x128", "input_size": 96,
+             "use_mean_pose": True, "use_mean_camshape": True},
+    checkpoint_files=("pare_demo.pt",),
+    checkpoint_source="bundled with occbench (occbench/assets/pare_demo.pt); rebuild with `make demo-weights`",
+    checkpoint_format="model-dict",
+    paper="Kocabas et al., ICCV 2021 (architecture); weights: occbench, synthetic stand-in data",
+    license="occbench demo weights (MIT)",
+))

@@ -16,10 +16,32 @@ def find_checkpoint(name: str, checkpoint_dir=None) -> Path:
     for filename in entry.checkpoint_files:
         if (folder / filename).is_file():
             return folder / filename
+    bundled = Path(__file__).resolve().parent / "assets"  # weights shipped in the package (the demo model)
+    for filename in entry.checkpoint_files:
+        if (bundled / filename).is_file():
+            return bundled / filename
     raise MissingAssetError(
         f"model {name!r}: no checkpoint ({' or '.join(entry.checkpoint_files)}) in {folder}; "
         f"get it from {entry.checkpoint_source}, put it there or pass --checkpoint FILE "
         f"(or --weights random for a smoke run)")
+
+
+def training_sidecar(checkpoint) -> dict:
+    """For a checkpoint written by ``occbench train``: {'trained_on', 'training'} from its FILE.json sidecar
+    (how it was trained); {} when there is none."""
+    import json
+
+    sidecar = Path(str(checkpoint) + ".json")
+    if not sidecar.is_file():
+        return {}
+    try:
+        info = json.loads(sidecar.read_text())
+    except (OSError, ValueError):
+        return {}
+    dataset = info.get("dataset")
+    return {"trained_on": info.get("trained_on"), "training": {
+        "sidecar": str(sidecar), "dataset": dataset.get("name") if isinstance(dataset, dict) else dataset,
+        **{k: info.get(k) for k in ("model", "options", "steps", "seed", "batch_size", "lr", "occbench_version")}}}
 
 
 def load_model(name: str, checkpoint: str | os.PathLike | None = None, device=None, *,
@@ -50,6 +72,7 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None, device=No
                                       known_unused=entry.known_unused, allow_partial=allow_partial)
         provenance.update(checkpoint=str(checkpoint), checkpoint_sha256=report.sha256,
                           checkpoint_report=report.summary())
+        provenance.update(training_sidecar(checkpoint))
     model.attach_body_model(body)
     provenance["body_model"] = body.provenance
     model.provenance = provenance
