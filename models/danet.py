@@ -8,7 +8,8 @@ with ``configs/danet_h36m_itw.yaml``) and the layout of ``danet_model_h36m_itw.p
 2. Joint-centric RoI pooling: joint centres by soft-argmax over ``10 * heatmaps``; the RoI side of joint k is
    ``s_k * relu(learned_ratio[k]) + relu(learned_offset[k])`` with s_k the larger distance to its parent or child
    (half the joints' extent for the pelvis); a joint whose surrounding parts are not predicted at its centre gets
-   ``0.8 x`` the half extent instead. Features are resampled with ``affine_grid``/``grid_sample`` with
+   ``0.8 x`` the half extent instead. (The paper's Eq. 2 sizes RoIs from the foreground box; the released code,
+   followed here, sizes them from the joints as just described.) Features are resampled with ``affine_grid``/``grid_sample`` with
    ``align_corners=True`` (the torch 1.1 behaviour the official code was written for) and the grouped conv
    ``predict_partial_iuv`` gives 24 partial IUV maps (24 x 3 x 7 x 56 x 56: U, V, index of background + 6 parts).
 3. IUV maps are "cleaned" (index -> one-hot of its argmax; U, V masked by it).
