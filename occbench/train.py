@@ -436,10 +436,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, entry = _build(cfg, device)            # a bad model name or option fails before data loading
     if dataset is None:
         dataset = open_dataset(cfg.dataset)
     data = load_training_set(dataset, cfg.limit, progress=progress)
-    model, entry = _build(cfg, device)
     body = dataset._body("neutral").to(device)   # the body the GT was made with (stand-in for synthetic sets)
     model.attach_body_model(body)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
@@ -489,7 +489,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
             terms["total"].backward()
             optimizer.step()
             step += 1
-            history.append({"step": step, **{k: round(float(v), 6) for k, v in terms.items()}})
+            history.append({"step": step, **{k: round(float(v.detach()), 6) for k, v in terms.items()}})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(terms['total']):.4f}", **{k: f"{float(v):.3f}" for k, v in
