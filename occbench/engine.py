@@ -145,8 +145,8 @@ def autotune(runner: Runner, input_size: int, max_batch: int = 64, memory_format
             if speed < 0.85 * best:
                 break
             best = max(best, speed)
-            if elapsed / calls > max_call_seconds:   # a call this long already amortizes per-call overhead
-                break
+            if elapsed / calls > max_call_seconds and batch >= 8:
+                break   # a call this long already amortizes per-call overhead
             batch *= 2
     choice = max(results, key=lambda r: r["images_per_s"])
     runner.set_memory_format(choice["format"])
