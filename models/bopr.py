@@ -277,24 +277,28 @@ def segmentation_targets(points2d: torch.Tensor, part_labels: torch.Tensor, size
     return (part_map >= 0).float(), part_map
 
 
+def weak_perspective_2d(points: torch.Tensor, cam: torch.Tensor) -> torch.Tensor:
+    """(B,J,3) points, (B,3) [s, tx, ty] -> (B,J,2) s * (xy + t): the papers' s Pi(X) + t, in normalised
+    crop coordinates ([-1, 1] over the 224 px crop; equal to ``project_to_crop`` / 112 - 1 for a far camera)."""
+    return cam[:, None, :1] * (points[..., :2] + cam[:, None, 1:])
+
+
 def compute_losses(rotmat, betas, cam, extras, target: dict, body_model, weights: dict | None = None) -> dict:
     """Paper Eq. 3-4. target: rotmat (B,24,3,3), betas (B,10), joints3d (B,24,3) pelvis-relative SMPL
-    joints [m], joints2d (B,24,2) crop px, rel_depth (B,24,3); optional body_mask (B,H,W), part_map (B,H,W).
+    joints [m], joints2d (B,24,2) crop px, rel_depth (B,24,3) [m]; optional body_mask (B,H,W) and
+    part_map (B,H,W) (-1 = background, ignored) from :func:`segmentation_targets`.
 
-    Returns a dict of scalar terms and 'total'. Weights default to 1 except the 2D terms (crop px are
-    scaled to [-1, 1] before the loss).
+    The paper gives no loss weights; the defaults are SPIN's (3D and 2D keypoints 5, pose 1, betas 0.001)
+    and 1 for the relative depths, 0.1 for the attention maps. Returns scalar terms and 'total'.
     """
-    from occbench.camera import project_to_crop
-
-    w = {"2d": 1.0, "3d": 1.0, "smpl": 1.0, "rd": 1.0, "att": 0.1, **(weights or {})}
+    w = {"2d": 5.0, "3d": 5.0, "pose": 1.0, "betas": 0.001, "rd": 1.0, "att": 0.1, **(weights or {})}
     out = body_model(rotmat=rotmat, betas=betas)
     joints = out.joints_smpl - out.joints_smpl[:, :1]
-    proj = project_to_crop(out.joints_smpl, cam) / 112.0 - 1.0
     gt2d = target["joints2d"] / 112.0 - 1.0
     terms = {
         "3d": w["3d"] * F.mse_loss(joints, target["joints3d"]),
-        "2d": w["2d"] * F.mse_loss(proj, gt2d),
-        "smpl": w["smpl"] * (F.mse_loss(rotmat, target["rotmat"]) + F.mse_loss(betas, target["betas"])),
+        "2d": w["2d"] * F.mse_loss(weak_perspective_2d(out.joints_smpl, cam), gt2d),
+        "smpl": w["pose"] * F.mse_loss(rotmat, target["rotmat"]) + w["betas"] * F.mse_loss(betas, target["betas"]),
         "rd": w["rd"] * F.mse_loss(extras["rel_depth"], target["rel_depth"]),
         "aux2d": w["2d"] * F.mse_loss(extras["aux_joints2d"], gt2d),
         "aux3d": w["3d"] * F.mse_loss(extras["aux_joints3d"], target["joints3d"]),

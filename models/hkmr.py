@@ -203,29 +203,36 @@ def build(mean_params: dict | None = None, **options) -> HKMR:
     return HKMR(mean_params, **options)
 
 
-def compute_losses(extras: dict, target: dict, body_model, weights: dict | None = None) -> dict:
+def compute_losses(extras: dict, target: dict, body_model, weights: dict | None = None,
+                   iteration_weights=None) -> dict:
     """Paper Eq. 3 summed over the outer iterations (VAE prior term not included).
 
     target: rotmat (B,24,3,3), betas (B,10), joints3d (B,24,3) pelvis-relative SMPL joints [m],
     joints2d (B,24,2) crop px. L_3D and L_2D are L1 (per joint, summed over joints as in the paper, then
-    averaged over the batch); L_smpl is squared L2 on rotation matrices and betas.
+    averaged over the batch; 2D in normalised crop units, the weak-perspective s Pi(X) + t of the paper);
+    L_smpl is squared L2 on rotation matrices and betas. The paper gives no weights: defaults are 1, with
+    0.001 on betas (SPIN's). iteration_weights: (T,) weights of the outer iterations, default all 1 (Eq. 3).
     """
-    from occbench.camera import project_to_crop
-
-    w = {"3d": 1.0, "2d": 1.0, "smpl": 1.0, **(weights or {})}
+    w = {"3d": 1.0, "2d": 1.0, "pose": 1.0, "betas": 0.001, **(weights or {})}
     b, t = extras["betas_iters"].shape[:2]
     rotmat = extras["rotmat_iters"].flatten(0, 1)
     betas = extras["betas_iters"].flatten(0, 1)
     cam = extras["cam_iters"].flatten(0, 1)
-    rep = {k: v[:, None].expand(b, t, *v.shape[1:]).flatten(0, 1) for k, v in target.items()}
+    rep = {k: target[k][:, None].expand(b, t, *target[k].shape[1:]).flatten(0, 1)
+           for k in ("rotmat", "betas", "joints3d", "joints2d")}
+    it_w = torch.ones(t) if iteration_weights is None else torch.as_tensor(iteration_weights, dtype=torch.float32)
+    if it_w.shape != (t,):
+        raise ValueError(f"iteration_weights must have {t} values, got {tuple(it_w.shape)}")
+    it_w = it_w.to(betas.device)[None, :].expand(b, t).flatten() / b    # sum over iterations, mean over batch
     out = body_model(rotmat=rotmat, betas=betas)
     joints = out.joints_smpl - out.joints_smpl[:, :1]
-    proj = project_to_crop(out.joints_smpl, cam) / 112.0 - 1.0
-    terms = {
-        "3d": w["3d"] * (joints - rep["joints3d"]).abs().sum(-1).sum(-1).mean(),
-        "2d": w["2d"] * (proj - (rep["joints2d"] / 112.0 - 1.0)).abs().sum(-1).sum(-1).mean(),
-        "smpl": w["smpl"] * ((rotmat - rep["rotmat"]).pow(2).sum((-1, -2, -3)).mean()
-                             + (betas - rep["betas"]).pow(2).sum(-1).mean()),
+    proj = cam[:, None, :1] * (out.joints_smpl[..., :2] + cam[:, None, 1:])   # s Pi(X) + t, in [-1, 1] units
+    per_sample = {
+        "3d": w["3d"] * (joints - rep["joints3d"]).abs().sum(-1).sum(-1),
+        "2d": w["2d"] * (proj - (rep["joints2d"] / 112.0 - 1.0)).abs().sum(-1).sum(-1),
+        "smpl": (w["pose"] * (rotmat - rep["rotmat"]).pow(2).sum((-1, -2, -3))
+                 + w["betas"] * (betas - rep["betas"]).pow(2).sum(-1)),
     }
-    terms["total"] = t * sum(terms.values())   # sum over the T iterations of the per-iteration mean
+    terms = {k: (v * it_w).sum() for k, v in per_sample.items()}
+    terms["total"] = sum(terms.values())
     return terms
