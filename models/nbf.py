@@ -116,13 +116,17 @@ class NBFHead(nn.Module):
 
     def forward(self, stages: dict):
         decoder, feature_map = self.upsample_layers(stages)
+        return (*self.regress_from_decoder(decoder), feature_map)
+
+    def regress_from_decoder(self, decoder: torch.Tensor):
+        """decoder (B,256,h,w) -> pose6d (B,24,6), betas (B,10), cam (B,3), part maps (B,25,h,w)."""
         part_maps = self.keypoint_final_layer(decoder)                                   # (B,25,h,w)
         attention = part_attention(part_maps)                                            # (B,24,h,w)
         pose_feats = attention_pool(decoder, attention)                                  # (B,256,24)
         shape_feats = attention_pool(self.smpl_final_layer(decoder), attention)          # (B,64,24)
         pose6d = self.pose_mlp(pose_feats.unsqueeze(-1)).squeeze(-1).transpose(1, 2)     # (B,24,6)
         flat = shape_feats.flatten(1)
-        return pose6d, self.shape_mlp(flat), self.cam_mlp(flat), part_maps, feature_map
+        return pose6d, self.shape_mlp(flat), self.cam_mlp(flat), part_maps
 
 
 class FeatureBank(nn.Module):
