@@ -8,6 +8,15 @@ from occbench.models import bopr
 from occbench.rotations import axis_angle_to_rotmat, rotmat_to_rot6d
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """On a shared 2-core machine multi-threaded CPU kernels spin against each other (~100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def mean_params(seed=0):
     g = torch.Generator().manual_seed(seed)
     rot = axis_angle_to_rotmat(0.2 * torch.randn(24, 3, generator=g))
@@ -21,15 +30,16 @@ def model():
     return bopr.BoPR(mean_params(), backbone="hrnet_w32").eval()
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_output_shapes_and_finiteness(model, batch):
-    images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
+@pytest.mark.parametrize("batch,size", [(1, 224), (2, 64)])
+def test_output_shapes_and_finiteness(model, batch, size):
+    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+    grid = size // 4
     with torch.no_grad():
         rotmat, betas, cam, extras = model.regress(images)
     assert rotmat.shape == (batch, 24, 3, 3) and betas.shape == (batch, 10) and cam.shape == (batch, 3)
     expected = {"pose6d": (batch, 144), "rel_depth": (batch, 24, 3), "aux_joints2d": (batch, 24, 2),
-                "aux_joints3d": (batch, 24, 3), "body_attention": (batch, 1, 56, 56),
-                "part_attention": (batch, 24, 56, 56), "tokens": (batch, 24, 128)}
+                "aux_joints3d": (batch, 24, 3), "body_attention": (batch, 1, grid, grid),
+                "part_attention": (batch, 24, grid, grid), "tokens": (batch, 24, 128)}
     assert {k: tuple(v.shape) for k, v in extras.items()} == expected
     for t in [rotmat, betas, cam, *extras.values()]:
         assert torch.isfinite(t).all()
@@ -106,3 +116,28 @@ def test_segmentation_targets_splat_projected_vertices():
     mask, parts = bopr.segmentation_targets(points, labels, size=56)
     assert mask.shape == (1, 56, 56) and mask.sum() == 2        # the third point is outside the crop
     assert parts[0, 2, 2] == 3 and parts[0, 7, 50] == 7 and (parts == -1).sum() == 56 * 56 - 2
+
+
+def test_checkpoint_round_trip_through_load_model(tmp_path):
+    """A file written by torch.save({'model': state_dict}) or BoPR.save_checkpoint loads strictly."""
+    from occbench.zoo import load_model
+
+    torch.manual_seed(7)                                   # load_model builds with seed 0: different weights
+    trained = bopr.build(backbone="hrnet_w32").eval()
+    plain = tmp_path / "bopr_plain.pt"
+    torch.save({"model": trained.state_dict()}, plain)
+    with_meta = tmp_path / "bopr.pt"
+    trained.save_checkpoint(with_meta, steps=10)
+    assert torch.load(with_meta)["occbench"] == {"model": "bopr", "backbone": "hrnet_w32", "steps": 10}
+    for path in (plain, with_meta):
+        loaded = load_model("bopr", checkpoint=path, device="cpu")
+        assert loaded.provenance["checkpoint"] == str(path) and loaded.provenance["weights"] == "checkpoint"
+        state = loaded.state_dict()
+        assert list(state) == list(trained.state_dict())
+        assert all(torch.equal(state[k], v) for k, v in trained.state_dict().items())
+    images = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(loaded.regress(images)[0], trained.regress(images)[0], atol=1e-6)
+    random_model = load_model("bopr", weights="random", device="cpu")
+    assert random_model.provenance["weights"] == "random" and random_model.provenance["checkpoint"] is None
+    assert not torch.equal(random_model.state_dict()["pose_head.weight"], trained.state_dict()["pose_head.weight"])

@@ -8,6 +8,15 @@ from occbench.rotations import axis_angle_to_rotmat, rotmat_to_rot6d
 PAPER_PARAMETERS = 26.2e6
 
 
+@pytest.fixture(scope="module", autouse=True)
+def single_thread():
+    """On a shared 2-core machine multi-threaded CPU kernels spin against each other (~100x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def mean_params(seed=0):
     g = torch.Generator().manual_seed(seed)
     rot = axis_angle_to_rotmat(0.2 * torch.randn(24, 3, generator=g))
@@ -38,9 +47,9 @@ def test_parameter_count_is_within_5_percent_of_the_paper(model):
     assert not any(k.startswith("encoder.fc") for k in model.state_dict())
 
 
-@pytest.mark.parametrize("batch", [1, 2])
-def test_output_shapes_and_finiteness(model, batch):
-    images = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(batch))
+@pytest.mark.parametrize("batch,size", [(1, 224), (2, 64)])
+def test_output_shapes_and_finiteness(model, batch, size):
+    images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
     with torch.no_grad():
         rotmat, betas, cam, extras = model.regress(images)
     assert rotmat.shape == (batch, 24, 3, 3) and betas.shape == (batch, 10) and cam.shape == (batch, 3)
@@ -109,3 +118,46 @@ def test_forward_pass_order_within_a_chain():
     grads = torch.autograd.grad(out2[0, 9:12].sum(), [chain.backward_layers[0].bias, chain.backward_layers[3].bias],
                                 allow_unused=True)
     assert grads[0].abs().sum() > 0 and (grads[1] is None or grads[1].abs().sum() == 0)
+
+
+def test_checkpoint_round_trip_through_load_model(tmp_path):
+    from occbench.errors import UserError
+    from occbench.zoo import load_model
+
+    random_model = load_model("hkmr", weights="random", seed=3, device="cpu")
+    assert random_model.provenance["weights"] == "random" and random_model.body_model is not None
+    torch.manual_seed(7)
+    trained = hkmr.build()
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    plain = tmp_path / "hkmr_plain.pt"
+    torch.save({"model": trained.state_dict()}, plain)
+    with_meta = tmp_path / "hkmr.pt"
+    trained.save_checkpoint(with_meta, steps=10)
+    assert torch.load(with_meta)["occbench"] == {"model": "hkmr", "steps": 10}
+    crops = torch.rand(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    trained.attach_body_model(random_model.body_model).eval()
+    with torch.no_grad():
+        expected = trained.predict(crops)
+        expected_params = trained.regress(images)
+        assert not torch.allclose(expected_params[0], random_model.regress(images)[0])
+    for path in (plain, with_meta):
+        loaded = load_model("hkmr", checkpoint=path, device="cpu")
+        state = loaded.state_dict()
+        for key, value in trained.state_dict().items():
+            assert torch.equal(state[key], value), key
+        with torch.no_grad():
+            got = loaded.regress(images)
+        assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(got[:3], expected_params[:3]))
+    with torch.no_grad():
+        prediction = loaded.predict(crops)                 # the inherited predict() path, body attached
+    assert torch.allclose(prediction.joints_lsp, expected.joints_lsp, atol=1e-6)
+    assert prediction.joints2d.shape == (1, 14, 2) and torch.isfinite(prediction.vertices).all()
+    # a file missing the shape network is refused with the file named
+    partial = tmp_path / "hkmr_partial.pt"
+    torch.save({"model": {k: v for k, v in trained.state_dict().items() if not k.startswith("shape_net.")}},
+               partial)
+    with pytest.raises(UserError, match="hkmr_partial.pt"):
+        load_model("hkmr", checkpoint=partial, device="cpu")
