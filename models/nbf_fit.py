@@ -244,7 +244,47 @@ def render_body(volume: NeuralBodyVolume, vertices: torch.Tensor, joints: torch.
                 translation: torch.Tensor, camera: PinholeCamera, options: FitOptions):
     """Render the volume posed by ``vertices`` (B,6890,3) / ``joints`` (B,24,3) (body frame) moved by
     ``translation`` (B,3). Returns :class:`occbench.models.nbf_render.RenderOutput`."""
-    centers = vertices[:, volume.vertex_index] + translation[:, None]
+    return render_kernels(volume, vertices[:, volume.vertex_index] + translation[:, None], joints, camera,
+                          options)
+
+
+class KernelSkinning:
+    """SMPL linear blend skinning of the kernel vertices only, betas fixed for the whole fit.
+
+    Same arithmetic as the body model's forward (smplx ``lbs``) restricted to ``vertex_index``: the shaped
+    rest vertices and rest joints are computed once; each step costs the 24-joint kinematic chain plus the
+    pose blend shapes and skinning of K (not 6890) vertices. ``__call__(rotmat (B,24,3,3))`` ->
+    (kernel vertices (B,K,3), SMPL joints (B,24,3)), body frame.
+    """
+
+    def __init__(self, body, vertex_index: torch.Tensor, betas: torch.Tensor) -> None:
+        smpl = body.smpl
+        dtype = smpl.v_template.dtype
+        betas = betas.to(dtype)
+        shaped = smpl.v_template + torch.einsum("bl,vcl->bvc", betas, smpl.shapedirs)   # (B,6890,3)
+        self.rest_joints = torch.einsum("jv,bvc->bjc", smpl.J_regressor, shaped)        # (B,24,3)
+        idx = vertex_index.to(shaped.device)
+        self.rest_kernels = shaped[:, idx]                                              # (B,K,3)
+        posedirs = smpl.posedirs.view(smpl.posedirs.shape[0], -1, 3)                     # (207,6890,3)
+        self.posedirs = posedirs[:, idx].reshape(posedirs.shape[0], -1)                  # (207,K*3)
+        self.weights = smpl.lbs_weights[idx]                                             # (K,24)
+        self.parents = smpl.parents
+
+    def __call__(self, rotmat: torch.Tensor):
+        from smplx.lbs import batch_rigid_transform
+        batch = rotmat.shape[0]
+        eye = torch.eye(3, dtype=rotmat.dtype, device=rotmat.device)
+        pose_feature = (rotmat[:, 1:] - eye).reshape(batch, -1)
+        posed = self.rest_kernels + (pose_feature @ self.posedirs).view(batch, -1, 3)
+        joints, transforms = batch_rigid_transform(rotmat, self.rest_joints, self.parents)
+        t = torch.einsum("kj,bjmn->bkmn", self.weights, transforms)                      # (B,K,4,4)
+        vertices = torch.einsum("bkmn,bkn->bkm", t[..., :3, :3], posed) + t[..., :3, 3]
+        return vertices, joints
+
+
+def render_kernels(volume: NeuralBodyVolume, centers: torch.Tensor, joints: torch.Tensor,
+                   camera: PinholeCamera, options: FitOptions):
+    """Render kernels at camera-frame ``centers`` (B,K,3) with orientation bins from ``joints`` (B,24,3)."""
     weights = orientation_weights(joints, options.theta, options.orient_threshold)[:, volume.limb]  # (B,K,3)
     features = torch.einsum("bko,koc->bkc", weights, volume.features)
     return render_gaussians(centers, volume.sigma, features, camera, options.optical_depth,
@@ -324,16 +364,18 @@ class _Problem:
         height = feature_map.shape[-1]
         self.camera = PinholeCamera.for_crop(height, options.focal_length, CROP_SIZE)
         self.map_scale = height / CROP_SIZE
+        self.skinning = KernelSkinning(body, volume.vertex_index, betas)
 
     def __call__(self, global_aa, body_aa, translation) -> torch.Tensor:
         aa = torch.cat([global_aa[:, None], body_aa], dim=1)                              # (B,24,3)
         rotmat = axis_angle_to_rotmat(aa).view(aa.shape[0], 24, 3, 3)
-        out = self.body(rotmat=rotmat, betas=self.betas)
-        rendered = render_body(self.volume, out.vertices, out.joints_smpl, translation, self.camera, self.options)
+        kernels, joints = self.skinning(rotmat)
+        rendered = render_kernels(self.volume, kernels + translation[:, None], joints, self.camera, self.options)
         loss = likelihood_loss(rendered, self.feature_map, self.volume.clutter, self.options)
         loss = loss + pose_prior(body_aa, self.options)
         if self.keypoints2d is not None:
-            loss = loss + keypoint_loss(out.joints_lsp, translation, self.keypoints2d, self.camera,
+            joints_lsp = self.body(rotmat=rotmat, betas=self.betas).joints_lsp
+            loss = loss + keypoint_loss(joints_lsp, translation, self.keypoints2d, self.camera,
                                         self.map_scale, self.options)
         return loss
 

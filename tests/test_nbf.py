@@ -160,11 +160,24 @@ def test_kernel_subset_is_deterministic_and_recorded(body):
     assert set(limbs.tolist()) == set(range(9))                                 # every limb has kernels
 
 
-def _synthetic_problem(body, occlude: bool):
-    """A Neural Body Volume with smooth random features, a known pose, its rendered 32x32 feature map."""
+def test_kernel_skinning_matches_the_body_model(body):
+    gen = torch.Generator().manual_seed(5)
+    rot = axis_angle_to_rotmat(0.4 * torch.randn(2, 24, 3, generator=gen)).view(2, 24, 3, 3)
+    betas = torch.randn(2, 10, generator=gen)
+    index, _ = NF.kernel_subset(body, 100)
+    kernels, joints = NF.KernelSkinning(body, index, betas)(rot)
+    with torch.no_grad():
+        out = body(rotmat=rot, betas=betas)
+    assert torch.allclose(kernels, out.vertices[:, index], atol=1e-5)
+    assert torch.allclose(joints, out.joints_smpl, atol=1e-5)
+
+
+def _synthetic_problem(body, occlude: bool, kernels=400, per_pixel=16, steps=(20, 40), size=32):
+    """A Neural Body Volume with smooth random features, a known pose, its rendered feature map."""
     gen = torch.Generator().manual_seed(0)
-    channels, size, kernels = 32, 32, 400
-    options = NF.FitOptions(num_kernels=kernels, flip="off", stage1_steps=20, stage2_steps=40)
+    channels = 32
+    options = NF.FitOptions(num_kernels=kernels, flip="off", stage1_steps=steps[0], stage2_steps=steps[1],
+                            max_kernels_per_pixel=per_pixel)
     index, _ = NF.kernel_subset(body, kernels)
     rest = NF.rest_vertices(body)[index]
     # smooth over the body surface, as trained kernel features are: random Fourier features of the rest pose

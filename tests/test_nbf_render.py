@@ -53,8 +53,9 @@ def test_batch_and_kernel_selection():
     assert (full.features - top.features).abs().max() < 1e-3
     one = render_gaussians(centers[1:], 0.1, features[1:], CAMERA, max_kernels_per_pixel=8)
     assert torch.allclose(one.features[0], top.features[1], atol=1e-6)   # images are independent
-    idx = select_kernels(centers, torch.full((40,), 0.1), CAMERA.ray_directions(), 8)
-    assert idx.shape == (2, 64, 8)
+    idx, score = select_kernels(centers, torch.full((2, 40), 0.1), CAMERA, 8)
+    assert idx.shape == (2, 64, 8) and (score[..., 1:] >= score[..., :-1]).all()
+    assert torch.equal(top.kernel_index, idx)
     # kernels behind the camera are never rendered
     behind = render_gaussians(centers * torch.tensor([1.0, 1.0, -1.0]), 0.1, features, CAMERA)
     assert behind.opacity.abs().max() == 0
