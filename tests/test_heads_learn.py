@@ -12,18 +12,21 @@ error must fall by a large factor (5x) within a CPU budget of ~15 s per model:
   steps than a unit test has (the summed loss plateaus near 4x after 100 steps); all iterations still run
   and are back-propagated through;
 - torch runs single-threaded here (the test machine is shared; more threads only add contention);
-- the targets are random SMPL poses around the mean pose, random betas and cameras; the 2D targets are
-  the projections of the target joints, the relative depths are computed from the target mesh.
+- images and targets are the first samples of the synthetic demo set (occbench.data "demo"): SMPL pose and
+  betas, SMPL-24 joints through the body model, 2D targets from a weak-perspective camera fitted to the
+  GT 2D joints, relative torso-plane depths and segmentation maps computed from the GT mesh.
 The error asserted is the paper's training objective (3D joints through the body model + 2D + SMPL
 parameters + model-specific terms) and the 3D joint error (MPJPE, mm) on its own.
 """
 import time
 
+import numpy as np
 import pytest
 import torch
 
 from occbench.models import bopr, hkmr
-from occbench.rotations import axis_angle_to_rotmat, rot6d_to_rotmat
+from occbench.models.base import IMAGENET_MEAN, IMAGENET_STD
+from occbench.rotations import axis_angle_to_rotmat
 
 NUM_SAMPLES = 4
 INPUT_SIZE = 32
@@ -50,42 +53,43 @@ def mean():
     return load_mean_params()
 
 
-def _images(seed=0):
-    """Demo crops when the demo dataset is available, else fixed random images (B,3,S,S), normalized."""
-    g = torch.Generator().manual_seed(seed)
-    try:
-        from occbench.data import open_dataset
-        dataset = open_dataset("demo")
-        crops = torch.stack([torch.as_tensor(dataset[i].crop).permute(2, 0, 1).float() / 255
-                             for i in range(NUM_SAMPLES)])
-        crops = torch.nn.functional.interpolate(crops, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear",
-                                                align_corners=False)
-        mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
-        std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-        return (crops - mean) / std
-    except (ImportError, AttributeError, FileNotFoundError):
-        return torch.randn(NUM_SAMPLES, 3, INPUT_SIZE, INPUT_SIZE, generator=g)
+def _fit_weak_camera(points3d, points2d, valid):
+    """Least squares a, b (2,) with points2d ~= a * points3d[:, :2] + b over the valid joints."""
+    xy, uv = points3d[valid, :2].double(), points2d[valid].double()
+    xc, uc = xy - xy.mean(0), uv - uv.mean(0)
+    a = (xc * uc).sum() / (xc * xc).sum()
+    return a.float(), (uv.mean(0) - a * xy.mean(0)).float()
 
 
-def _targets(body, mean, seed=0):
-    """Random SMPL targets around the mean pose: rotmat, betas, cam, joints3d (pelvis-relative SMPL-24),
-    joints2d (crop px), vertices2d (crop px), rel_depth (torso-plane depths of the part centres)."""
+def _demo_batch(body):
+    """The first NUM_SAMPLES samples of the synthetic demo set: normalized images (B,3,S,S) and targets:
+    rotmat, betas, joints3d (pelvis-relative SMPL-24 [m]), joints2d / vertices2d (crop px, from a weak
+    camera fitted to the GT LSP-14 2D joints), rel_depth (torso-plane depths of the part centres)."""
     from occbench.body import vertex_part_labels
+    from occbench.data import open_dataset
 
-    g = torch.Generator().manual_seed(seed)
-    mean_rot = rot6d_to_rotmat(torch.as_tensor(mean["pose"]).float()).view(1, 24, 3, 3)
-    noise = axis_angle_to_rotmat(0.25 * torch.randn(NUM_SAMPLES * 24, 3, generator=g)).view(-1, 24, 3, 3)
-    rotmat = mean_rot @ noise
-    betas = torch.randn(NUM_SAMPLES, 10, generator=g)
-    cam = torch.as_tensor(mean["cam"]).float() + 0.1 * torch.randn(NUM_SAMPLES, 3, generator=g)
+    dataset = open_dataset("demo")
+    samples = [dataset[i] for i in range(NUM_SAMPLES)]
+    crops = torch.stack([torch.as_tensor(s.crop).permute(2, 0, 1).float() / 255 for s in samples])
+    crops = torch.nn.functional.interpolate(crops, size=(INPUT_SIZE, INPUT_SIZE), mode="bilinear",
+                                            align_corners=False, antialias=True)
+    images = (crops - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+
+    pose = torch.as_tensor(np.stack([s.pose for s in samples])).float()
+    rotmat = axis_angle_to_rotmat(pose.view(-1, 3)).view(-1, 24, 3, 3)
+    betas = torch.as_tensor(np.stack([s.betas for s in samples])).float()
     with torch.no_grad():
         out = body(rotmat=rotmat, betas=betas)
+    joints2d, vertices2d = [], []
+    for i, s in enumerate(samples):
+        a, b = _fit_weak_camera(out.joints_lsp[i], torch.as_tensor(s.joints2d), torch.as_tensor(s.joints2d_valid))
+        joints2d.append(a * out.joints_smpl[i, :, :2] + b)
+        vertices2d.append(a * out.vertices[i, :, :2] + b)
     labels = torch.as_tensor(vertex_part_labels(body))
-    return {"rotmat": rotmat, "betas": betas, "cam": cam,
-            "joints3d": out.joints_smpl - out.joints_smpl[:, :1],
-            "joints2d": 112 * (bopr.weak_perspective_2d(out.joints_smpl, cam) + 1),
-            "vertices2d": 112 * (bopr.weak_perspective_2d(out.vertices, cam) + 1), "part_labels": labels,
-            "rel_depth": bopr.relative_torso_depths(bopr.part_centres(out.vertices, labels), out.joints_smpl)}
+    target = {"rotmat": rotmat, "betas": betas, "joints3d": out.joints_smpl - out.joints_smpl[:, :1],
+              "joints2d": torch.stack(joints2d), "vertices2d": torch.stack(vertices2d), "part_labels": labels,
+              "rel_depth": bopr.relative_torso_depths(bopr.part_centres(out.vertices, labels), out.joints_smpl)}
+    return images, target
 
 
 @torch.no_grad()
@@ -118,8 +122,8 @@ def test_bopr_head_learns_a_handful_of_samples(body, mean):
     torch.manual_seed(0)
     start = time.perf_counter()
     model = bopr.BoPR(mean, backbone="hrnet_w32", dropout=0.0)
-    target = _targets(body, mean)
-    features = _frozen_features(model.backbone, _images())
+    images, target = _demo_batch(body)
+    features = _frozen_features(model.backbone, images)
     size = features.shape[-1]
     target["body_mask"], target["part_map"] = bopr.segmentation_targets(
         target["vertices2d"], target["part_labels"], size)
@@ -145,8 +149,8 @@ def test_hkmr_head_learns_a_handful_of_samples(body, mean):
     torch.manual_seed(0)
     start = time.perf_counter()
     model = hkmr.HKMR(mean)
-    target = _targets(body, mean)
-    features = _frozen_features(model.encoder, _images()).mean(dim=(2, 3))
+    images, target = _demo_batch(body)
+    features = _frozen_features(model.encoder, images).mean(dim=(2, 3))
     head_params = [p for n, p in model.named_parameters() if not n.startswith("encoder.")]
     model.train()
 
