@@ -40,7 +40,8 @@ Choices the paper leaves open (all documented here, none taken from unpublished 
 6. Heads: per-part linear 128 -> 6 (6D rotation of SMPL joint i from token i, like PARE's per-part pose
    MLP), shared linear 128 -> 3 for the relative depths, linear 24*128 -> 10 (shape) and -> 3 (camera).
    Outputs are residuals added to SPIN's mean parameters (``init_pose`` / ``init_shape`` / ``init_cam``
-   buffers); output layers start with xavier_uniform(gain=0.01) so an untrained model predicts the mean.
+   buffers); their output layers start with xavier_uniform(gain=0.01) so an untrained model predicts the
+   mean. The depth head (no mean to start from) keeps PyTorch's default initialisation.
 7. Relative depths (Sec. 3.3, Fig. 3): the targets are the signed distances of the 24 part centres (mean
    of the vertices of each SMPL part) to three torso planes through the pelvis: frontal (normal
    left x up, pointing forward), side (normal left-right from right hip to left hip) and cross-section
