@@ -120,7 +120,7 @@ def test_training_signal(body):
                head.shape_mlp, head.cam_mlp]
     optimizer = torch.optim.Adam([p for m in trained for p in m.parameters()], lr=6e-3)
     losses = []
-    for _ in range(60):
+    for _ in range(50):
         pose6d, pred_betas, _, _ = head.regress_from_decoder(decoder.upsample3(coarse, stages["layer1"]))
         rotmat = rot6d_to_rotmat(pose6d).view(4, 24, 3, 3)
         loss = (((rotmat - target_rot) ** 2).mean() + ((joints(rotmat) - target_joints) ** 2).sum(-1).mean()
@@ -219,15 +219,15 @@ def _joint_error_mm(body, rotmat, betas, gt_joints):
 
 
 def test_fit_recovers_known_pose(body):
-    volume, fmap, init_rot, betas, init_cam, gt, options = _synthetic_problem(body, occlude=False)
+    volume, fmap, init_rot, betas, init_cam, gt, options = _synthetic_problem(body, occlude=False, steps=(15, 30))
     before = _joint_error_mm(body, init_rot, betas, gt)
     result = NF.fit(body, volume, fmap, init_rot, betas, init_cam, options)
     after = _joint_error_mm(body, result.rotmat, betas, gt)
     assert before > 90
-    assert after < 55 and after < 0.5 * before, (before, after)
+    assert after < 60 and after < 0.5 * before, (before, after)
     assert (result.loss < result.init_loss).all()
     assert result.provenance["keypoint_term"] is False
-    assert result.provenance["fit_options"]["stage2_steps"] == 40
+    assert result.provenance["fit_options"]["stage2_steps"] == 30
 
 
 def test_occlusion_model_succeeds_where_l2_fails(body):
