@@ -37,7 +37,7 @@ clean:
 DEMO_TRAIN_N ?= 3000
 DEMO_TRAIN_SEED ?= 1
 DEMO_TRAIN_DIR ?= build/demo_train
-STEPS ?= 2000
+STEPS ?= 4000
 demo-weights:
 	test -x $(OCCBENCH) || $(MAKE) venv
 	test -f $(DEMO_TRAIN_DIR)/dataset.json || $(OCCBENCH) datasets make-synthetic --n $(DEMO_TRAIN_N) \

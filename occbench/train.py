@@ -444,7 +444,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
     model.attach_body_model(body)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
-    step, history = 0, []
+    step, history, seconds_before = 0, [], 0.0
     state_path = _state_path(out)
     if resume:
         if not state_path.is_file():
@@ -460,6 +460,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
         torch.set_rng_state(state["rng"]["torch"])
         np.random.set_state(state["rng"]["numpy"])
         step, history = int(state["step"]), list(state["history"])
+        seconds_before = state.get("seconds", math.nan)   # NaN: a state written before times were stored
     else:
         torch.manual_seed(cfg.seed)
     weights = {**DEFAULT_WEIGHTS, **cfg.loss_weights}
@@ -469,11 +470,12 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
         from tqdm import tqdm
         bar = tqdm(total=cfg.steps, initial=step, desc=f"train {cfg.model}", unit="step")
     model.train()
-    started = time.time()
+    started, resumed_from = time.time(), step
 
     def save_state():
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                    "rng": _rng_state(gen), "history": history, "config": _config_key(cfg)}, state_path)
+                    "rng": _rng_state(gen), "history": history, "config": _config_key(cfg),
+                    "seconds": seconds_before + time.time() - started}, state_path)
 
     try:
         while step < end:
@@ -508,8 +510,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
                            math.nan, history[-1]["total"] if history else math.nan)
     model.eval()
     write_checkpoint(model, entry, out, half=cfg.half, step=step)
-    sidecar = write_sidecar(cfg, data, history, out, time.time() - started, model,
-                            options={**entry.options, **cfg.options})
+    sidecar = write_sidecar(cfg, data, history, out, seconds_before + time.time() - started, model,
+                            options={**entry.options, **cfg.options}, resumed_from=resumed_from or None)
     return TrainResult(out, sidecar, step, history, history[0]["total"], history[-1]["total"])
 
 
@@ -545,7 +547,7 @@ def _summary(history: list) -> dict:
 
 
 def write_sidecar(cfg: TrainConfig, data: TrainingSet, history: list, out: Path, seconds: float, model,
-                  options: dict | None = None) -> Path:
+                  options: dict | None = None, resumed_from: int | None = None) -> Path:
     """Write FILE.json: how the checkpoint was trained. options: the full architecture options."""
     import occbench
     from occbench.checkpoints import sha256_of
@@ -564,7 +566,8 @@ def write_sidecar(cfg: TrainConfig, data: TrainingSet, history: list, out: Path,
                          "translate_jitter": cfg.translate_jitter, "color_jitter": cfg.color_jitter,
                          "occluder_prob": cfg.occluder_prob},
         "init_checkpoint": cfg.init_checkpoint, "stored_dtype": "float16" if cfg.half else "float32",
-        "losses": _summary(history), "train_seconds": round(seconds, 1),
+        "losses": _summary(history), "train_seconds": round(seconds, 1) if math.isfinite(seconds) else None,
+        "resumed_from_step": resumed_from,   # None: one uninterrupted session (resume reproduces it exactly)
         "occbench_version": occbench.__version__, "torch_version": torch.__version__,
         "checkpoint_sha256": sha256_of(out),
         "trained_on": (TRAINED_ON_SYNTHETIC if synthetic else
