@@ -61,6 +61,7 @@ class Runner:
     model: torch.nn.Module
     precision: str = "fp32"
     memory_format: str = "contiguous"
+    forward_seconds: float = 0.0      # host time inside forward calls (exact on CPU; launch time on CUDA)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -84,6 +85,13 @@ class Runner:
         """images: (B,3,S,S) RGB [0,1] at the model's input size -> (joints_lsp (B,14,3), joints_h36m root
         (B,3), joints2d (B,14,2)) fp32, body frame (pelvis not subtracted)."""
         from occbench.models.base import ZooModel
+        start = time.perf_counter()
+        try:
+            return self._forward(images, ZooModel)
+        finally:
+            self.forward_seconds += time.perf_counter() - start
+
+    def _forward(self, images, ZooModel):
         model = self.model
         dtype = PRECISIONS[self.precision]
         images = images.contiguous(memory_format=MEMORY_FORMATS[self.memory_format])
@@ -721,7 +729,16 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int = 0, batch
     todo = [c for c in chunks if not run.has_chunk(c[0])]
     total = sum(e - s for _, s, e in chunks)
     done = total - sum(e - s for _, s, e in todo)
+    start = time.perf_counter()
+    runner.forward_seconds = 0.0
     _execute(run, ctx, dataset, todo, total, done, progress and not quiet)
+    if todo:
+        wall = time.perf_counter() - start
+        run.update(timing={"wall_s": round(wall, 3), "forward_s": round(runner.forward_seconds, 3),
+                           "windows": ctx.stats["windows"], "samples": ctx.stats["samples"],
+                           "forward_share": round(runner.forward_seconds / max(wall, 1e-9), 4),
+                           "note": "this session's compute; forward_s is host time inside model calls "
+                                   "(exact on CPU, launch time only on CUDA)"})
     metrics = summarize(run, [c for c, _, _ in chunks])
     run.concatenate([c for c, _, _ in chunks])
     write_json(run.path / "metrics.json", metrics)
