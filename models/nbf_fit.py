@@ -483,6 +483,7 @@ class NBFFitter(NBFRegressor):
     """
 
     name = "3dnbf"
+    needs_grad = True   # engines must not run predict under torch.inference_mode: the fit uses autograd
 
     def __init__(self, mean_params=None, input_size: int = 320, options: FitOptions | None = None,
                  data_dir=None) -> None:
@@ -506,11 +507,17 @@ class NBFFitter(NBFRegressor):
             self.__dict__["_bank_version"] = bank.memory._version
         return self.__dict__["_volume"]
 
+    def predict(self, crops: torch.Tensor):
+        """As :meth:`ZooModel.predict` (regress + body model); overridden so that engines take the
+        test-time-fitting path (outside ``inference_mode``)."""
+        return super().predict(crops)
+
     def regress(self, images: torch.Tensor, keypoints2d: torch.Tensor | None = None):
         with torch.no_grad():
             rotmat, betas, cam, extras = super().regress(images)
-        result = fit(self.body_model, self.volume(), extras["feature_map"], rotmat, betas, cam,
-                     self.fit_options, keypoints2d)
+        with torch.autocast(device_type=images.device.type, enabled=False):   # the fit runs in fp32
+            result = fit(self.body_model, self.volume(), extras["feature_map"].float(), rotmat.float(),
+                         betas.float(), cam.float(), self.fit_options, keypoints2d)
         self.fit_provenance = result.provenance
         extras.update(reg_rotmat=rotmat, reg_betas=betas, reg_cam=cam, fit_loss=result.loss,
                       fit_init_loss=result.init_loss, fit_flipped=result.flipped)

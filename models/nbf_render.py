@@ -26,8 +26,8 @@ centred at ``t_k = d . M_k`` with width ``sigma_k`` and total optical depth
 
 Rendered feature ``F(p) = sum_k alpha_k(p) phi_k``; opacity ``O(p) = sum_k alpha_k(p)``.
 Like VoGE's ``max_assign``, only the ``max_kernels_per_pixel`` kernels with the largest ``c_k`` on each ray
-are kept (chosen without gradient, then evaluated with gradient); dropped kernels have negligible ``c_k``,
-and rays that pass near no kernel are not evaluated at all.
+are kept (chosen without gradient, then evaluated with gradient), and only kernels with ``c_k`` above
+~1e-6 (:data:`SELECT_SCORE`) are considered at all; rays that pass near no kernel are not evaluated.
 Kernels behind the camera (``z <= 0``) are ignored; the integral assumes kernels are many sigma in front of
 the camera (true at the 5000 px focal length of SPIN/PARE/3DNBF, where the body is ~50 m away).
 """
@@ -101,42 +101,58 @@ def _cross_norm2(centers: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
     return cx * cx + cy * cy + cz * cz
 
 
+# Kernels farther from a ray than this (squared distance in sigmas) are not considered for it: their optical
+# depth is below tau * exp(-15) ~ 1e-6 (tau = 4). A ray with no kernel that close is empty.
+SELECT_SCORE = 30.0
+
+
 @torch.no_grad()
 def select_kernels(centers: torch.Tensor, sigma: torch.Tensor, camera: PinholeCamera, count: int,
-                   rows_per_chunk: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+                   max_score: float = SELECT_SCORE) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``count`` kernels with the largest optical depth on each ray, found without gradient.
 
-    centers: (B,K,3); sigma: (B,K). Returns indices (B,H*W,count) and their approximate squared distance
-    from the ray in units of sigma (B,H*W,count), ascending. The distance is measured in the image (kernel
-    centre projected, radius f sigma / z), which is separable in rows and columns and so cheap; the exact
-    optical depths are computed afterwards, with gradient, for the chosen kernels only.
+    centers: (B,K,3); sigma: (B,K). Returns indices (B,H*W,count) and the squared distance of each kernel
+    from the ray in units of sigma (B,H*W,count), ascending, ``inf`` where a ray has fewer than ``count``
+    kernels within ``max_score`` (those slots hold index 0 and must be ignored). The distance is measured
+    in the image (centre projected, radius f sigma / z); each kernel only visits the pixels of its own
+    window, so the cost follows K, not K x H x W. The exact optical depths are computed afterwards, with
+    gradient, for the chosen kernels only.
     """
     batch, num_kernels, _ = centers.shape
     height, width = camera.size
+    num_pixels = height * width
     count = min(count, num_kernels)
     z = centers[..., 2]
-    behind = z <= 0
+    front = z > 0
     z = z.clamp_min(1e-9)
-    u = camera.focal * centers[..., 0] / z + camera.principal[0]                       # (B,K)
+    u = camera.focal * centers[..., 0] / z + camera.principal[0]                       # (B,K) px
     v = camera.focal * centers[..., 1] / z + camera.principal[1]
     inv_r = z / (camera.focal * sigma)                                                  # 1 / pixel radius
-    cols = torch.arange(width, device=centers.device, dtype=centers.dtype) + 0.5
-    rows = torch.arange(height, device=centers.device, dtype=centers.dtype) + 0.5
-    col_term = ((cols[None, :, None] - u[:, None, :]) * inv_r[:, None, :]) ** 2        # (B,W,K)
-    col_term = col_term.masked_fill(behind[:, None, :], float("inf"))
-    row_term = ((rows[None, :, None] - v[:, None, :]) * inv_r[:, None, :]) ** 2        # (B,H,K)
-    indices, scores = [], []
-    for start in range(0, height, rows_per_chunk):
-        score = row_term[:, start:start + rows_per_chunk, None, :] + col_term[:, None]   # (B,h,W,K)
-        best = score.topk(count, dim=-1, largest=False)
-        indices.append(best.indices.reshape(batch, -1, count))
-        scores.append(best.values.reshape(batch, -1, count))
-    return torch.cat(indices, dim=1), torch.cat(scores, dim=1)
-
-
-# a ray whose nearest kernel is farther than this (squared, in sigmas; generous for the image-space
-# approximation of the selection) has optical depth < 1e-8 and is left empty without computing it
-EMPTY_RAY_SCORE = 50.0
+    out_index = torch.zeros(batch * num_pixels, count, dtype=torch.long, device=centers.device)
+    out_score = torch.full((batch * num_pixels, count), float("inf"), dtype=centers.dtype, device=centers.device)
+    if not bool(front.any()):
+        return out_index.view(batch, num_pixels, count), out_score.view(batch, num_pixels, count)
+    reach = math.sqrt(max_score) / float(inv_r[front].min())                           # px
+    half = min(int(math.ceil(reach)), max(height, width))
+    offsets = torch.arange(-half, half + 1, device=centers.device)
+    cols = u.floor().long()[..., None] + offsets                                        # (B,K,S)
+    rows = v.floor().long()[..., None] + offsets
+    col_term = ((cols + 0.5 - u[..., None]) * inv_r[..., None]) ** 2
+    row_term = ((rows + 0.5 - v[..., None]) * inv_r[..., None]) ** 2
+    score = row_term[..., :, None] + col_term[..., None, :]                             # (B,K,S,S)
+    inside = ((rows >= 0) & (rows < height))[..., :, None] & ((cols >= 0) & (cols < width))[..., None, :]
+    keep = inside & (score < max_score) & front[..., None, None]
+    b, k, i, j = keep.nonzero(as_tuple=True)
+    ray = b * num_pixels + rows[b, k, i] * width + cols[b, k, j]                        # (n,) global ray id
+    cand = score[b, k, i, j]
+    # sort by (ray, score): rays apart by more than any score, then rank within each ray
+    order = torch.argsort(ray.double() * (2.0 * max_score + 1.0) + cand.double())
+    ray, cand, k = ray[order], cand[order], k[order]
+    rank = torch.arange(ray.numel(), device=ray.device) - torch.searchsorted(ray, ray)
+    top = rank < count
+    out_index[ray[top], rank[top]] = k[top]
+    out_score[ray[top], rank[top]] = cand[top]
+    return out_index.view(batch, num_pixels, count), out_score.view(batch, num_pixels, count)
 
 
 def render_gaussians(centers: torch.Tensor, sigma, features: torch.Tensor, camera: PinholeCamera,
@@ -157,8 +173,9 @@ def render_gaussians(centers: torch.Tensor, sigma, features: torch.Tensor, camer
         features = features.expand(batch, *features.shape)
     kernel_index, score = select_kernels(centers.detach(), sigma.detach(), camera, max_kernels_per_pixel)
     per_pixel = kernel_index.shape[-1]
-    image_of, pixel_of = (score[..., 0] < EMPTY_RAY_SCORE).nonzero(as_tuple=True)      # active rays (N,)
+    image_of, pixel_of = torch.isfinite(score[..., 0]).nonzero(as_tuple=True)           # non-empty rays (N,)
     index = kernel_index[image_of, pixel_of]                                             # (N,M)
+    chosen = torch.isfinite(score[image_of, pixel_of])                                   # (N,M) real slots
 
     m = centers[image_of[:, None], index]                                                # (N,M,3)
     s = sigma[image_of[:, None], index]                                                  # (N,M)
@@ -166,7 +183,7 @@ def render_gaussians(centers: torch.Tensor, sigma, features: torch.Tensor, camer
     dist2 = _cross_norm2(m, d)
     depth = (m * d).sum(-1)                                                              # t_k
     c = optical_depth * torch.exp(-0.5 * dist2 / (s * s))
-    c = c * (m[..., 2] > 0).to(c.dtype)                                                 # behind the camera
+    c = c * chosen.to(c.dtype)
 
     # Optical depth of kernel j in front of kernel k, averaged over k's extent along the ray.
     spread = torch.sqrt(s[..., :, None] ** 2 + s[..., None, :] ** 2)

@@ -247,11 +247,16 @@ def test_fitter_end_to_end_through_the_zoo():
     model = load_model("3dnbf", weights="random", device="cpu", input_size=64, num_kernels=200,
                        stage1_steps=2, stage2_steps=3, flip="both")
     assert model.fit_options.flip == "both" and model.fit_options.stage1_steps == 2
-    with torch.no_grad():                                       # fitting runs its own autograd
+    with torch.inference_mode(False), torch.no_grad():          # fitting runs its own autograd
         pred = model.predict(torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(4)))
     assert pred.rotmat.shape == (2, 24, 3, 3) and torch.isfinite(pred.vertices).all()
     assert pred.extras["feature_map"].shape == (2, 128, 16, 16)
     assert (pred.extras["fit_loss"] <= pred.extras["fit_init_loss"] + 1e-6).all()
+    from occbench.engine import Runner                          # the engine's path for fitting models
+    runner = Runner(model)
+    with runner.grad_context():
+        joints, _, joints2d = runner(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5)))
+    assert joints.shape == (1, 14, 3) and torch.isfinite(joints2d).all()
     prov = model.fit_provenance
     assert prov["kernel_subset"] == "farthest-point" and prov["num_kernels"] == 200
     assert prov["keypoint_term"] is False and "VPoser" in prov["pose_prior"]
