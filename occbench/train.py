@@ -574,6 +574,17 @@ def write_sidecar(cfg: TrainConfig, data: TrainingSet, history: list, out: Path,
                        f"dataset {data.name!r} (see dataset.provenance); trained with occbench train, "
                        "not the published weights"),
     }
+    init_sidecar = Path(str(cfg.init_checkpoint) + ".json") if cfg.init_checkpoint else None
+    if init_sidecar is not None and init_sidecar.is_file():
+        # a fine-tuning run records how its starting weights were trained (e.g. the demo's first phase)
+        init = json.loads(init_sidecar.read_text())
+        info["init_training"] = {k: init.get(k) for k in (
+            "model", "options", "steps", "total_steps", "seed", "batch_size", "lr", "augmentation",
+            "loss_weights", "part_loss_steps", "losses", "train_seconds", "checkpoint_sha256", "init_training")}
+        info["init_training"]["dataset"] = (init.get("dataset") or {}).get("source")
+        info["total_steps"] = len(history) + int(init.get("total_steps") or init.get("steps") or 0)
+    else:
+        info["total_steps"] = len(history)
     sidecar = Path(str(out) + ".json")
     sidecar.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
     return sidecar

@@ -80,6 +80,13 @@ def test_checkpoint_loads_strictly_with_trained_on(tmp_path, dataset):
     assert torch.equal(model.state_dict()[key], stored[key].float())
     pred = model.predict(torch.rand(1, 3, 224, 224))
     assert torch.isfinite(pred.joints_lsp).all()
+    # fine-tuning from it starts from those weights and records how they were trained
+    tuned = train(_cfg(tmp_path, "ft.pt", steps=1, lr=0.0 + 1e-12, init_checkpoint=str(result.checkpoint)),
+                  progress=False, dataset=dataset)
+    side2 = json.loads(tuned.sidecar.read_text())
+    assert side2["total_steps"] == 3 and side2["init_training"]["steps"] == 2
+    start = torch.load(tuned.checkpoint, weights_only=True)["model"]["head.pose_mlp.weight"]
+    assert torch.allclose(start.float(), stored[key].float(), atol=1e-6)
 
 
 def test_weak_camera_fit_recovers_known_values():
