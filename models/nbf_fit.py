@@ -507,6 +507,23 @@ class NBFFitter(NBFRegressor):
             self.__dict__["_bank_version"] = bank.memory._version
         return self.__dict__["_volume"]
 
+    @property
+    def provenance(self) -> dict:
+        """What ``load_model`` recorded, plus ``fit``: the fitting options and the Neural Body Volume
+        (kernel subset, sigma) once a body model is attached; run directories store it."""
+        base = dict(self.__dict__.get("_provenance", {}))
+        fit_info = {"options": asdict(self.fit_options), "vposer": False,
+                    "pose_prior": "gaussian axis-angle + SMPLify angle prior (VPoser not available)",
+                    "keypoint_term": "off unless 2D detections are passed to regress()"}
+        if self.body_model is not None:
+            fit_info.update(self.volume().provenance)
+        base["fit"] = fit_info
+        return base
+
+    @provenance.setter
+    def provenance(self, value: dict) -> None:
+        self.__dict__["_provenance"] = dict(value)
+
     def predict(self, crops: torch.Tensor):
         """As :meth:`ZooModel.predict` (regress + body model); overridden so that engines take the
         test-time-fitting path (outside ``inference_mode``)."""

@@ -260,6 +260,9 @@ def test_fitter_end_to_end_through_the_zoo():
     prov = model.fit_provenance
     assert prov["kernel_subset"] == "farthest-point" and prov["num_kernels"] == 200
     assert prov["keypoint_term"] is False and "VPoser" in prov["pose_prior"]
+    recorded = model.provenance                                 # what run directories store
+    assert recorded["weights"] == "random" and recorded["fit"]["options"]["stage2_steps"] == 3
+    assert recorded["fit"]["kernel_subset"] == "farthest-point" and recorded["fit"]["vposer"] is False
 
 
 def test_bad_fit_option_is_rejected():
