@@ -270,3 +270,40 @@ def test_bad_fit_option_is_rejected():
         NF.FitOptions(likelihood="huber")
     with pytest.raises(ValueError, match="VPoser"):
         NF.FitOptions(vposer=True)
+
+
+def test_official_subset_file_is_found_and_used_for_real_smpl(tmp_path, body):
+    assert NF.find_official_subset(tmp_path) is None
+    folder = tmp_path / "sample_params" / "uniform"
+    folder.mkdir(parents=True)
+    np.savez(folder / NF.OFFICIAL_SUBSET_FILE, indices=np.arange(0, 6890, 8)[:NUM_KERNELS],
+             faces_downsampled=np.zeros((1, 3), np.int64))
+    assert NF.find_official_subset(tmp_path) == folder / NF.OFFICIAL_SUBSET_FILE
+    # the stand-in body is not SMPL: its kernels come from farthest-point sampling, and that is recorded
+    _, prov = NF.kernel_subset(body, NUM_KERNELS, data_dir=tmp_path)
+    assert prov["kernel_subset"] == "farthest-point" and prov["kernel_subset_reason"] == "stand-in body"
+
+    class RealLooking:                                          # the same body, flagged as real SMPL
+        is_standin = False
+    index, prov = NF.kernel_subset(RealLooking(), NUM_KERNELS, data_dir=tmp_path)
+    assert prov["kernel_subset"] == "official" and torch.equal(index[:3], torch.tensor([0, 8, 16]))
+
+
+def test_keypoint_term(body):
+    camera = PinholeCamera.for_crop(32)
+    rot = torch.eye(3).expand(1, 24, 3, 3).clone()
+    rot[:, 0] = torch.diag(torch.tensor([1.0, -1.0, -1.0]))
+    translation = weak_perspective_to_translation(torch.tensor([[0.9, 0.0, 0.1]]))
+    with torch.no_grad():
+        joints = body(rotmat=rot).joints_lsp
+    pixels = camera.project(joints + translation[:, None]) / (32 / 224)        # 224-crop px
+    detections = torch.cat([pixels, torch.ones(1, 14, 1)], dim=-1)
+    options = NF.FitOptions()
+    exact = NF.keypoint_loss(joints, translation, detections, camera, 32 / 224, options)
+    shifted = detections.clone()
+    shifted[..., 0] += 10.0
+    off = NF.keypoint_loss(joints, translation, shifted, camera, 32 / 224, options)
+    assert exact.item() < 1e-6 and off.item() > 0.1
+    unseen = shifted.clone()
+    unseen[..., 2] = 0                                          # zero confidence: no term
+    assert NF.keypoint_loss(joints, translation, unseen, camera, 32 / 224, options).item() == 0
