@@ -283,12 +283,12 @@ class KernelSkinning:
 
 
 def render_kernels(volume: NeuralBodyVolume, centers: torch.Tensor, joints: torch.Tensor,
-                   camera: PinholeCamera, options: FitOptions):
+                   camera: PinholeCamera, options: FitOptions, dense: bool = True):
     """Render kernels at camera-frame ``centers`` (B,K,3) with orientation bins from ``joints`` (B,24,3)."""
     weights = orientation_weights(joints, options.theta, options.orient_threshold)[:, volume.limb]  # (B,K,3)
     features = torch.einsum("bko,koc->bkc", weights, volume.features)
     return render_gaussians(centers, volume.sigma, features, camera, options.optical_depth,
-                            options.max_kernels_per_pixel)
+                            options.max_kernels_per_pixel, dense=dense)
 
 
 def _soft_maximum(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -296,22 +296,48 @@ def _soft_maximum(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch
     return w[0] * a + w[1] * b
 
 
-def likelihood_loss(rendered, observed: torch.Tensor, clutter: torch.Tensor, options: FitOptions) -> torch.Tensor:
-    """rendered: RenderOutput; observed: (B,C,H,W) feature map (normalised here); clutter (C,) -> (B,)."""
-    f = F.normalize(observed, dim=1)
-    opacity = rendered.opacity
+@dataclass
+class ObservedFeatures:
+    """What the likelihood needs from an observed feature map, computed once per fit.
+
+    unit: (B,H*W,C) L2-normalised features; clutter_score: (B,H*W) ``0.5 <b, f> + 0.5``;
+    clutter_l2: (B,H*W) ``|f - b|^2 / 4`` (the l2 cost of a pixel the body does not cover).
+    """
+
+    unit: torch.Tensor
+    clutter_score: torch.Tensor
+    clutter_l2: torch.Tensor
+
+    @classmethod
+    def from_map(cls, observed: torch.Tensor, clutter: torch.Tensor) -> "ObservedFeatures":
+        unit = F.normalize(observed, dim=1).flatten(2).transpose(1, 2)
+        return cls(unit=unit, clutter_score=0.5 * (unit @ clutter) + 0.5,
+                   clutter_l2=((unit - clutter) ** 2).sum(-1) / 4.0)
+
+
+def likelihood_loss(rendered, observed: ObservedFeatures, clutter: torch.Tensor, options: FitOptions) -> torch.Tensor:
+    """Per-image loss (B,): 1 - the mean pixel score (see the module docstring).
+
+    rendered: RenderOutput (its non-empty rays are used: an empty pixel scores its clutter score, or costs
+    ``clutter_l2`` for ``l2``, whatever the pose, so it enters as a constant); observed: ObservedFeatures.
+    """
+    img, pix = rendered.ray_image, rendered.ray_pixel
+    f = observed.unit[img, pix]                                                          # (N,C)
+    opacity, feats = rendered.ray_opacity, rendered.ray_features
+    batch, num_pixels = observed.clutter_score.shape
     if options.likelihood == "l2":
-        composite = rendered.features + (1 - opacity)[:, None] * clutter.view(1, -1, 1, 1)
-        score = -((f - composite) ** 2).sum(1) / 4.0
+        base = -observed.clutter_l2.mean(1)
+        composite = feats + (1 - opacity)[:, None] * clutter
+        delta = -((f - composite) ** 2).sum(-1) / 4.0 + observed.clutter_l2[img, pix]
     else:
-        s_obj = (F.normalize(rendered.features, dim=1) * f).sum(1)
-        s_clu = torch.einsum("bchw,c->bhw", f, clutter)
-        s_obj = (0.5 * s_obj + 0.5).clamp(1e-8, 1.0)
-        s_clu = 0.5 * s_clu + 0.5
+        base = observed.clutter_score.mean(1)
+        s_clu = observed.clutter_score[img, pix]
+        s_obj = (0.5 * (F.normalize(feats, dim=-1) * f).sum(-1) + 0.5).clamp(1e-8, 1.0)
         if options.likelihood == "robust":
             s_obj = _soft_maximum(s_obj, s_clu, options.softmax_temperature)
-        score = opacity * s_obj + (1 - opacity) * s_clu
-    return 1.0 - score.mean(dim=(1, 2))
+        delta = opacity * (s_obj - s_clu)
+    score = base + base.new_zeros(batch).index_add(0, img, delta) / num_pixels
+    return 1.0 - score
 
 
 def pose_prior(body_aa: torch.Tensor, options: FitOptions) -> torch.Tensor:
@@ -365,13 +391,15 @@ class _Problem:
         self.camera = PinholeCamera.for_crop(height, options.focal_length, CROP_SIZE)
         self.map_scale = height / CROP_SIZE
         self.skinning = KernelSkinning(body, volume.vertex_index, betas)
+        self.observed = ObservedFeatures.from_map(feature_map, volume.clutter)
 
     def __call__(self, global_aa, body_aa, translation) -> torch.Tensor:
         aa = torch.cat([global_aa[:, None], body_aa], dim=1)                              # (B,24,3)
         rotmat = axis_angle_to_rotmat(aa).view(aa.shape[0], 24, 3, 3)
         kernels, joints = self.skinning(rotmat)
-        rendered = render_kernels(self.volume, kernels + translation[:, None], joints, self.camera, self.options)
-        loss = likelihood_loss(rendered, self.feature_map, self.volume.clutter, self.options)
+        rendered = render_kernels(self.volume, kernels + translation[:, None], joints, self.camera, self.options,
+                                  dense=False)
+        loss = likelihood_loss(rendered, self.observed, self.volume.clutter, self.options)
         loss = loss + pose_prior(body_aa, self.options)
         if self.keypoints2d is not None:
             joints_lsp = self.body(rotmat=rotmat, betas=self.betas).joints_lsp

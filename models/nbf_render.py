@@ -79,12 +79,19 @@ class PinholeCamera:
 @dataclass
 class RenderOutput:
     """features: (B,C,H,W) rendered ``F``; opacity: (B,H,W) ``O``;
-    kernel_index: (B,H*W,M) kernels kept per pixel; weights: (B,H*W,M) their ``alpha``."""
+    kernel_index: (B,H*W,M) kernels kept per pixel; weights: (B,H*W,M) their ``alpha``
+    (these four are None when rendered with ``dense=False``).
+    The non-empty rays only: ray_image, ray_pixel (N,) their image and row-major pixel index,
+    ray_features (N,C), ray_opacity (N,). Every other ray has F = 0 and O = 0."""
 
-    features: torch.Tensor
-    opacity: torch.Tensor
-    kernel_index: torch.Tensor
-    weights: torch.Tensor
+    features: torch.Tensor | None
+    opacity: torch.Tensor | None
+    kernel_index: torch.Tensor | None
+    weights: torch.Tensor | None
+    ray_image: torch.Tensor
+    ray_pixel: torch.Tensor
+    ray_features: torch.Tensor
+    ray_opacity: torch.Tensor
 
 
 def _cross_norm2(centers: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
@@ -156,13 +163,13 @@ def select_kernels(centers: torch.Tensor, sigma: torch.Tensor, camera: PinholeCa
 
 
 def render_gaussians(centers: torch.Tensor, sigma, features: torch.Tensor, camera: PinholeCamera,
-                     optical_depth: float = DEFAULT_OPTICAL_DEPTH, max_kernels_per_pixel: int = 16
-                     ) -> RenderOutput:
+                     optical_depth: float = DEFAULT_OPTICAL_DEPTH, max_kernels_per_pixel: int = 16,
+                     dense: bool = True) -> RenderOutput:
     """Render kernel features to a feature map (differentiable in centres, sigma and features).
 
     centers: (B,K,3) camera frame; sigma: float, (K,) or (B,K) metres; features: (B,K,C) or (K,C).
     Only rays that pass near a kernel are evaluated (the others are empty), so the cost follows the
-    body's area in the image.
+    body's area in the image. dense=False skips the (B,C,H,W) maps and returns the non-empty rays only.
     """
     batch, num_kernels, _ = centers.shape
     height, width = camera.size
@@ -197,11 +204,15 @@ def render_gaussians(centers: torch.Tensor, sigma, features: torch.Tensor, camer
     feat = features[image_of[:, None], index]                                            # (N,M,C)
     values = (alpha[:, None, :] @ feat).squeeze(1)                                       # (N,C)
     channels = features.shape[-1]
+    sparse = dict(ray_image=image_of, ray_pixel=pixel_of, ray_features=values, ray_opacity=alpha.sum(-1))
+    if not dense:
+        return RenderOutput(features=None, opacity=None, kernel_index=None, weights=None, **sparse)
     rendered = centers.new_zeros(batch, num_pixels, channels).index_put((image_of, pixel_of), values)
     opacity = centers.new_zeros(batch, num_pixels).index_put((image_of, pixel_of), alpha.sum(-1))
     weights = centers.new_zeros(batch, num_pixels, per_pixel).index_put((image_of, pixel_of), alpha)
     return RenderOutput(features=rendered.transpose(1, 2).reshape(batch, channels, height, width),
-                        opacity=opacity.view(batch, height, width), kernel_index=kernel_index, weights=weights)
+                        opacity=opacity.view(batch, height, width), kernel_index=kernel_index, weights=weights,
+                        **sparse)
 
 
 def render_gaussians_quadrature(centers: torch.Tensor, sigma, features: torch.Tensor, camera: PinholeCamera,

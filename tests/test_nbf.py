@@ -307,3 +307,32 @@ def test_keypoint_term(body):
     unseen = shifted.clone()
     unseen[..., 2] = 0                                          # zero confidence: no term
     assert NF.keypoint_loss(joints, translation, unseen, camera, 32 / 224, options).item() == 0
+
+
+@pytest.mark.parametrize("likelihood", ["robust", "plain", "l2"])
+def test_likelihood_on_rays_equals_the_dense_formula(likelihood):
+    gen = torch.Generator().manual_seed(6)
+    camera = PinholeCamera.for_crop(12)
+    centers = torch.tensor([0.0, 0.0, 50.0]) + 0.3 * torch.randn(2, 30, 3, generator=gen)
+    features = F.normalize(torch.randn(2, 30, 8, generator=gen), dim=-1)
+    clutter = F.normalize(torch.randn(8, generator=gen), dim=0)
+    observed = torch.randn(2, 8, 12, 12, generator=gen)
+    from occbench.models.nbf_render import render_gaussians
+    out = render_gaussians(centers, 0.05, features, camera)
+    assert 0.05 < out.opacity.mean() < 0.95
+    f = F.normalize(observed, dim=1)
+    opacity = out.opacity
+    if likelihood == "l2":
+        composite = out.features + (1 - opacity)[:, None] * clutter.view(1, -1, 1, 1)
+        score = -((f - composite) ** 2).sum(1) / 4.0
+    else:
+        s_obj = (0.5 * (F.normalize(out.features, dim=1) * f).sum(1) + 0.5).clamp(1e-8, 1.0)
+        s_clu = 0.5 * torch.einsum("bchw,c->bhw", f, clutter) + 0.5
+        if likelihood == "robust":
+            w = torch.softmax(torch.stack([s_obj, s_clu]) / 0.1, dim=0)
+            s_obj = w[0] * s_obj + w[1] * s_clu
+        score = opacity * s_obj + (1 - opacity) * s_clu
+    dense = 1.0 - score.mean(dim=(1, 2))
+    options = NF.FitOptions(likelihood=likelihood)
+    loss = NF.likelihood_loss(out, NF.ObservedFeatures.from_map(observed, clutter), clutter, options)
+    assert torch.allclose(loss, dense, atol=1e-6)
