@@ -459,7 +459,8 @@ def model_layout_from_manifest(tsv, strip_prefixes=(), known_unused=()) -> list[
 
 def random_state_dict_from_manifest(tsv, seed: int = 0, strip_prefix: str = "") -> "OrderedDict[str, torch.Tensor]":
     """A state dict with exactly the manifest's keys, shapes and dtypes, filled deterministically:
-    floating tensors ~ N(0, 0.02^2), integer tensors small non-negative ints (0..9), bool tensors False.
+    floating tensors ~ N(0, 0.02^2), integer tensors small non-negative ints (0..9), bool tensors False;
+    BatchNorm ``running_var`` = |N(0, 0.02^2)| + 0.5, so a forward pass with these weights stays finite.
     ``strip_prefix`` is removed from the keys that start with it."""
     generator = torch.Generator().manual_seed(seed)
     state = OrderedDict()
@@ -467,6 +468,8 @@ def random_state_dict_from_manifest(tsv, seed: int = 0, strip_prefix: str = "") 
         dtype = getattr(torch, dtype_name)
         if dtype.is_floating_point:
             value = (torch.randn(shape, generator=generator) * 0.02).to(dtype)
+            if key.endswith("running_var"):
+                value = value.abs() + 0.5
         elif dtype == torch.bool:
             value = torch.zeros(shape, dtype=torch.bool)
         else:
