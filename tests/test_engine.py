@@ -109,6 +109,7 @@ def test_occsens_run_directory(model, tmp_path):
     assert config["protocol"]["stride"] == 40 and config["seed"] == 0 and config["status"] == "complete"
     assert config["conventions"]["pelvis"] == "h36m-root" and config["conventions"]["body_model_standin"]
     assert {"torch", "numpy"} <= set(config["versions"]) and config["device"]["type"] == "cpu"
+    assert config["timing"]["windows"] == 3 * 36 and 0 < config["timing"]["forward_share"] <= 1
     joints = read(run, "joints")
     assert len(joints) == 3 * (36 + 1) * 14
     assert set(joints["window"]) == set(range(-1, 36))
