@@ -40,7 +40,6 @@ Everything is batched: images, occluded copies and hypotheses share one optimisa
 """
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
