@@ -21,6 +21,7 @@ _LAZY = {
     "load_protocol": "occbench.protocol",
     "benchmark": "occbench.engine",
     "run_protocol": "occbench.engine",
+    "merge_runs": "occbench.engine",
     "load_run": "occbench.results",
     "compare_runs": "occbench.results",
     "write_report": "occbench.report",

@@ -62,6 +62,7 @@ class Runner:
     precision: str = "fp32"
     memory_format: str = "contiguous"
     forward_seconds: float = 0.0      # host time inside forward calls (exact on CPU; launch time on CUDA)
+    last: object = None               # the last call's Prediction (params and vertices for PVE / predictions)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -104,6 +105,7 @@ class Runner:
         else:
             with autocast:
                 pred = model.predict(images)
+        self.last = pred
         return pred.joints_lsp.float(), pred.joints_h36m[:, 0].float(), pred.joints2d.float()
 
 
@@ -173,8 +175,9 @@ def joint_errors(pred3d, pred_root, pred2d, ref3d, ref2d, head, visible, pck_mas
 
     pred3d: predicted LSP joints, body frame; pred_root: H36M pelvis (B,3); ref3d: reference joints, already
     pelvis-aligned; visible: (B,14) joints Procrustes is fitted on; pck_mask: (B,14) joints PCKh scores.
-    Returns numpy (mpjpe mm, pa_mpjpe mm, pckh 1/0/NaN) of shape (B,14): errors are given for every joint
-    (the ``visible`` column of the run says which ones a protocol evaluates).
+    Returns numpy (mpjpe mm, pa_mpjpe mm, pckh 1/0/NaN) of shape (B,14) and the signed per-axis error
+    (B,14,3) in mm after pelvis alignment (BoPR's axis-wise MJE): errors are given for every joint (the
+    ``visible`` column of the run says which ones a protocol evaluates).
     """
     from occbench import metrics
     aligned = metrics.align_pelvis(pred3d, pelvis, pelvis=pred_root if pelvis == "h36m-root" else None)
@@ -185,7 +188,8 @@ def joint_errors(pred3d, pred_root, pred2d, ref3d, ref2d, head, visible, pck_mas
     correct = metrics.pckh(pred2d, ref2d, head, mask=pck_mask, threshold=threshold)
     scorable = pck_mask & torch.isfinite(head)[:, None] & (head > 0)[:, None]
     pckh = torch.where(scorable, correct.float(), torch.full_like(correct, float("nan"), dtype=torch.float32))
-    return mpjpe.float().cpu().numpy(), pa.float().cpu().numpy(), pckh.cpu().numpy()
+    axis = ((aligned - ref3d) * metrics.MM_PER_M).float().cpu().numpy()
+    return mpjpe.float().cpu().numpy(), pa.float().cpu().numpy(), pckh.cpu().numpy(), axis
 
 
 # ------------------------------------------------------------------------------------------ the run
@@ -207,7 +211,8 @@ class _Context:
 JOINT_SCHEMA = pa.schema(
     [("sample_index", pa.int64()), ("sample_id", pa.string()), ("window", pa.int32()), ("joint", pa.int8()),
      ("mpjpe", pa.float32()), ("pa_mpjpe", pa.float32()), ("pckh", pa.float32()), ("visible", pa.bool_()),
-     ("occluded", pa.bool_()), ("in_crop", pa.bool_())]
+     ("occluded", pa.bool_()), ("in_crop", pa.bool_()), ("err_x", pa.float32()), ("err_y", pa.float32()),
+     ("err_z", pa.float32()), ("pve", pa.float32())]
     + [(name, pa.string() if dtype is object else (pa.float64() if dtype is np.float64 else pa.int64()))
        for name, dtype in TABLE_COLUMNS.items() if name != "window"])
 SUMMARY_FIELDS = [
@@ -221,6 +226,10 @@ SUMMARY_FIELDS = [
     ("worst_doc", pa.int64()), ("worst_target_joint", pa.int64())]
 SUMMARY_SCHEMA = pa.schema(SUMMARY_FIELDS)
 FAILED_SCHEMA = pa.schema([("sample_index", pa.int64()), ("sample_id", pa.string()), ("reason", pa.string())])
+# the clean prediction of every sample (sensitivity meshes are drawn on it): rotmat (216), betas (10), cam (3)
+PREDICTION_SCHEMA = pa.schema([("sample_index", pa.int64()), ("sample_id", pa.string()),
+                               ("rotmat", pa.list_(pa.float32())), ("betas", pa.list_(pa.float32())),
+                               ("cam", pa.list_(pa.float32()))])
 
 
 def _load_samples(dataset, start: int, end: int):
@@ -290,8 +299,14 @@ def _evaluate_chunk(ctx: _Context, loaded, failed):
     n_slots = len(prepared)
 
     with runner.grad_context():
-        clean_out = [torch.cat(parts) for parts in zip(*(runner(clean[i:i + ctx.batch_size])
-                                                         for i in range(0, n_slots, ctx.batch_size)))]
+        clean_parts, clean_params, clean_pve = [], [], []
+        gt_verts = _gt_vertices(prepared, protocol, device)
+        for i in range(0, n_slots, ctx.batch_size):
+            clean_parts.append(runner(clean[i:i + ctx.batch_size]))
+            clean_params.append(_params_of(runner.last))
+            clean_pve.append(_pve(runner.last, clean_parts[-1][1], clean_parts[-1][0], gt_verts,
+                                  np.arange(i, min(i + ctx.batch_size, n_slots)), ctx.pelvis))
+        clean_out = [torch.cat(parts) for parts in zip(*clean_parts)]
         from occbench import metrics
         c3d, croot, c2d = clean_out
         if protocol.reference == "gt":
@@ -330,6 +345,9 @@ def _evaluate_chunk(ctx: _Context, loaded, failed):
         mpjpe = np.empty((n_rows, N_JOINTS), np.float32)
         pa_err = np.empty_like(mpjpe)
         pck = np.empty_like(mpjpe)
+        axis_err = np.empty((n_rows, N_JOINTS, 3), np.float32)
+        pve = np.full(n_rows, np.nan, np.float32)
+        pve[np.flatnonzero(is_clean)] = np.concatenate(clean_pve)
         out3d = torch.empty(n_rows, N_JOINTS, 3, device=device)
         out_root = torch.empty(n_rows, 3, device=device)
         out2d = torch.empty(n_rows, N_JOINTS, 2, device=device)
@@ -347,26 +365,57 @@ def _evaluate_chunk(ctx: _Context, loaded, failed):
                 images = occ.compose(base, batch_table, ctx.textures)
             r = torch.as_tensor(rows, device=device)
             out3d[r], out_root[r], out2d[r] = runner(images)
+            pve[rows] = _pve(runner.last, out_root[r], out3d[r], gt_verts, slot[rows], ctx.pelvis)
         for start in range(0, n_rows, 4096):   # errors in large slices: cheap next to the forward passes
             rows = np.arange(start, min(start + 4096, n_rows))
             r = torch.as_tensor(rows, device=device)
             s = torch.as_tensor(slot[rows], device=device)
-            m, pm, pk = joint_errors(
+            m, pm, pk, ax = joint_errors(
                 out3d[r], out_root[r], out2d[r], ref3d[s], ref2d[s], head[s],
                 torch.as_tensor(visible[rows], device=device), torch.as_tensor(pck_mask[rows], device=device),
                 ctx.pelvis, protocol.pckh_threshold)
-            mpjpe[rows], pa_err[rows], pck[rows] = m, pm, pk
+            mpjpe[rows], pa_err[rows], pck[rows], axis_err[rows] = m, pm, pk, ax
     ctx.stats["windows"] += len(window_rows)
 
     sample_index = np.array([p[0] for p in prepared])[slot]
     sample_ids = np.array([p[1].sample_id for p in prepared], dtype=object)[slot]
-    joints = _joint_table(table, slot, sample_index, sample_ids, mpjpe, pa_err, pck, visible, occluded, in_crop)
+    joints = _joint_table(table, slot, sample_index, sample_ids, mpjpe, pa_err, pck, visible, occluded, in_crop,
+                          axis_err, pve)
     summaries = [_summary(prepared[s], table, slot == s, mpjpe, pa_err, pck, visible, ctx)
                  for s in range(n_slots)]
-    return _tables(joints, summaries, failed)
+    rotmat, betas, cam = (torch.cat(parts).float().cpu().numpy() for parts in zip(*clean_params))
+    predictions = pa.table({"sample_index": pa.array([p[0] for p in prepared], pa.int64()),
+                            "sample_id": [p[1].sample_id for p in prepared],
+                            "rotmat": list(rotmat.reshape(n_slots, -1)), "betas": list(betas),
+                            "cam": list(cam)}, schema=PREDICTION_SCHEMA)
+    return _tables(joints, summaries, failed, predictions)
 
 
-def _joint_table(table, slot, sample_index, sample_ids, mpjpe, pa_err, pck, visible, occluded, in_crop):
+def _params_of(pred):
+    return pred.rotmat.detach(), pred.betas.detach(), pred.cam.detach()
+
+
+def _gt_vertices(prepared, protocol, device):
+    """(n_slots,6890,3) GT vertices (pelvis-subtracted like the joints) when every sample has them."""
+    verts = [p[1].vertices for p in prepared]
+    if protocol.reference != "gt" or any(v is None for v in verts):
+        return None
+    return torch.from_numpy(np.stack([np.asarray(v, np.float32) for v in verts])).to(device)
+
+
+def _pve(pred, root, joints, gt_verts, slots, pelvis: str) -> np.ndarray:
+    """(B,) PVE in mm of a batch: predicted vertices minus the predicted pelvis (same convention as the joints)
+    against the GT vertices; NaN without GT vertices (PARE's PVE: no other alignment)."""
+    if gt_verts is None:
+        return np.full(len(slots), np.nan, np.float32)
+    origin = root if pelvis == "h36m-root" else joints[:, 2:4].mean(1)
+    verts = pred.vertices.float() - origin[:, None, :]
+    err = torch.linalg.vector_norm(verts - gt_verts[torch.as_tensor(np.asarray(slots), device=verts.device)], dim=-1)
+    return (err.mean(-1) * 1000.0).cpu().numpy().astype(np.float32)
+
+
+def _joint_table(table, slot, sample_index, sample_ids, mpjpe, pa_err, pck, visible, occluded, in_crop,
+                 axis_err, pve):
     n_rows = len(slot)
     rep = lambda a: np.repeat(a, N_JOINTS)
     columns = {
@@ -374,6 +423,8 @@ def _joint_table(table, slot, sample_index, sample_ids, mpjpe, pa_err, pck, visi
         "window": rep(table["window"]).astype(np.int32), "joint": np.tile(np.arange(N_JOINTS, dtype=np.int8), n_rows),
         "mpjpe": mpjpe.reshape(-1), "pa_mpjpe": pa_err.reshape(-1), "pckh": pck.reshape(-1),
         "visible": visible.reshape(-1), "occluded": occluded.reshape(-1), "in_crop": in_crop.reshape(-1),
+        "err_x": axis_err[..., 0].reshape(-1), "err_y": axis_err[..., 1].reshape(-1),
+        "err_z": axis_err[..., 2].reshape(-1), "pve": rep(pve),
     }
     for name in TABLE_COLUMNS:
         if name != "window":
@@ -432,13 +483,15 @@ class _quiet:
         return self._w.__exit__(*exc)
 
 
-def _tables(joints, summaries, failed):
+def _tables(joints, summaries, failed, predictions=None):
+    if predictions is None:
+        predictions = PREDICTION_SCHEMA.empty_table()
     if isinstance(joints, list):
         joints = JOINT_SCHEMA.empty_table()
     summary = pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA) if summaries else SUMMARY_SCHEMA.empty_table()
     fail = pa.table({"sample_index": [f[0] for f in failed], "sample_id": [str(f[1]) for f in failed],
                      "reason": [str(f[2]) for f in failed]}, schema=FAILED_SCHEMA)
-    return {"joints": joints, "samples": summary, "failed": fail}
+    return {"joints": joints, "samples": summary, "failed": fail, "predictions": predictions}
 
 
 # ------------------------------------------------------------------------------------------ metrics

@@ -137,8 +137,8 @@ class Run:
         long.insert(0, "model", self.model)
         return long.reset_index(drop=True)
 
-    def _selected(self, source: str) -> pd.DataFrame:
-        rows = self.joints[self.joints["visible"]]
+    def _selected(self, source: str, visible_only: bool = True) -> pd.DataFrame:
+        rows = self.joints[self.joints["visible"]] if visible_only else self.joints
         window = rows["window"].to_numpy()
         if source == "clean":
             return rows[window < 0]
@@ -159,6 +159,8 @@ class Run:
         over its visible instances, then the mean over joints, in %. CIs resample samples.
         """
         reduction = reduction or self.reduction
+        if metric == "pve":
+            return self._pve_estimate(source, n_boot, seed)
         rows = self._selected(source)
         rows = rows[np.isfinite(rows[metric].to_numpy(dtype=np.float64))]
         if rows.empty:
@@ -175,13 +177,24 @@ class Run:
             est = bootstrap_ratio(grouped.sum().to_numpy(), grouped.count().to_numpy(), n_boot, seed)
         return (*est, n)
 
+    def _pve_estimate(self, source, n_boot, seed):
+        """PVE is one number per (sample, window): mean over windows, then over samples (PARE)."""
+        if "pve" not in self.joints:
+            return float("nan"), float("nan"), float("nan"), 0
+        rows = self._selected(source, visible_only=False)
+        per_window = rows.groupby(["sample_index", "window"])["pve"].first().dropna()
+        if per_window.empty:
+            return float("nan"), float("nan"), float("nan"), 0
+        per_sample = per_window.groupby(level=0).mean()
+        return (*bootstrap_ratio(per_sample.to_numpy(), np.ones(len(per_sample)), n_boot, seed), len(per_sample))
+
     def summary(self, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
         """One row per (source, metric): clean, the protocol's occluded numbers, degradation vs clean."""
         sources = ["clean"] if self.source == "clean" else ["clean", "occluded"] + (
             ["worst"] if self.source == "worst" else [])
         records = []
         for source in sources:
-            for metric in METRICS:
+            for metric in METRICS + (("pve",) if self.has_pve else ()):
                 value, low, high, n = self.metric_estimate(metric, source, n_boot=n_boot, seed=seed)
                 records.append({"model": self.model, "protocol": self.protocol, "dataset": self.dataset,
                                 "source": source, "metric": metric, "value": value, "ci_low": low,
@@ -230,6 +243,10 @@ class Run:
                                                            "ci_high", "n_samples"])
 
     # ---------------------------------------------------------------- heatmaps
+    @property
+    def has_pve(self) -> bool:
+        return "pve" in self.joints and bool(self.joints["pve"].notna().any())
+
     @property
     def has_grid(self) -> bool:
         return self.config["protocol"]["kind"] in ("occsens", "advocc")

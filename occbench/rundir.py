@@ -9,7 +9,8 @@ Layout::
       chunks/chunk-000012.samples.parquet   per-sample summaries (clean errors, mean, worst window)
       chunks/chunk-000012.failed.parquet    samples that could not be evaluated, with the reason
       chunks/chunk-000012.done              written last: the chunk is complete
-      joints.parquet, samples.parquet, failed.parquet   all chunks in order (written at the end)
+      chunks/chunk-000012.predictions.parquet  the clean prediction (rotmat, betas, cam) of each sample
+      joints.parquet, samples.parquet, failed.parquet, predictions.parquet   all chunks in order (at the end)
       metrics.json              the run's numbers (clean / occluded / worst window, per joint, per pattern/DoC)
 
 Samples are cut into fixed chunks of ``chunk_samples`` consecutive dataset indices; chunk ``c`` belongs to
@@ -32,7 +33,7 @@ import pyarrow.parquet as pq
 
 from occbench.errors import UserError
 
-TABLES = ("joints", "samples", "failed")
+TABLES = ("joints", "samples", "failed", "predictions")
 # run.json keys that must match for a resume or a merge (everything that changes the numbers)
 IDENTITY_KEYS = ("model", "dataset", "protocol", "seed", "precision", "batch_size", "memory_format",
                  "chunk_samples", "n_samples", "textures", "replay", "conventions", "max_windows")

@@ -64,7 +64,7 @@ class SensitivityAccumulator:
 def camera_frame_vertices(vertices: np.ndarray, cam: np.ndarray) -> np.ndarray:
     """(V,3) body-frame vertices + weak-perspective cam (3,) -> (V,3) camera-frame vertices (y down, z forward)."""
     import torch
-    trans = weak_perspective_to_translation(torch.as_tensor(cam, dtype=torch.float64)[None])[0].numpy()
+    trans = weak_perspective_to_translation(torch.tensor(np.array(cam), dtype=torch.float64)[None])[0].numpy()
     return np.asarray(vertices, dtype=np.float64) + trans
 
 
@@ -212,8 +212,8 @@ def accumulate_run(run, body_model, predictions, joint_names, depth_tolerance: f
         preds = predictions[predictions["sample_index"].isin(list(by_sample))]
         for _, pred in preds.iterrows():
             part = by_sample[pred["sample_index"]]
-            rotmat = torch.as_tensor(np.asarray(pred["rotmat"], dtype=np.float32)).view(1, 24, 3, 3)
-            betas = torch.as_tensor(np.asarray(pred["betas"], dtype=np.float32)).view(1, -1)
+            rotmat = torch.as_tensor(np.array(pred["rotmat"], dtype=np.float32)).view(1, 24, 3, 3)
+            betas = torch.as_tensor(np.array(pred["betas"], dtype=np.float32)).view(1, -1)
             with torch.inference_mode():
                 verts = body_model(rotmat=rotmat, betas=betas).vertices[0].double().numpy()
             points = camera_frame_vertices(verts, np.asarray(pred["cam"], dtype=np.float64))

@@ -109,3 +109,15 @@ def test_bootstrap_ratio_and_errors(tmp_path):
     assert est == 2.5 and low < 2.5 < high
     with pytest.raises(UserError, match="not a run directory"):
         load_run(tmp_path)
+
+
+def test_pve_is_one_value_per_window(tmp_path):
+    import pandas as pd
+    run_dir = write_run(tmp_path / "r", errors=[{-1: const(10), 0: const(20)}, {-1: const(10), 0: const(20)}])
+    joints = pd.read_parquet(run_dir / "joints.parquet")
+    joints["pve"] = np.where(joints["window"] < 0, 30.0, 60.0 + 20.0 * joints["sample_index"])
+    joints.loc[joints["joint"] == 0, "visible"] = False       # visibility of joints must not matter for PVE
+    joints.to_parquet(run_dir / "joints.parquet")
+    table = load_run(run_dir).summary(n_boot=0).set_index(["source", "metric"])
+    assert table.loc[("clean", "pve"), "value"] == pytest.approx(30.0)
+    assert table.loc[("occluded", "pve"), "value"] == pytest.approx(70.0)

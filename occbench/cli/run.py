@@ -53,9 +53,12 @@ def protocols(verbose):
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
               help="Override a protocol field, e.g. --set stride=20 --set reference=clean (repeatable).")
 @click.option("--no-progress", is_flag=True)
+@click.option("--report", "report_dir", default=None,
+              help="Where the run's HTML report goes (default reports/<run directory name>).")
+@click.option("--no-report", is_flag=True, help="Do not write the HTML report at the end.")
 def run(model_name, protocol_name, dataset, dataset_root, checkpoint, weights, model_options, out_dir, seed,
         batch_size, precision, memory_format, device, limit, max_windows, shard, replay, dtd_root, voc_root,
-        overrides, no_progress):
+        overrides, no_progress, report_dir, no_report):
     """Run a protocol end to end and write a run directory (resumes when it exists)."""
     from occbench.errors import UserError
     from occbench.protocol import parse_override
@@ -76,9 +79,18 @@ def run(model_name, protocol_name, dataset, dataset_root, checkpoint, weights, m
     from occbench.zoo import load_model
     model = load_model(model_name, checkpoint=checkpoint, device=device, weights=weights, seed=seed, **options)
     data = open_dataset(dataset, root=dataset_root)
-    run_protocol(model, data, protocol_name, out_dir, seed=seed, batch_size=batch_size, precision=precision,
-                 memory_format=memory_format, limit=limit, max_windows=max_windows, shard=shard, replay=replay,
-                 dtd_root=dtd_root, voc_root=voc_root, progress=not no_progress, protocol_overrides=protocol_overrides or None)
+    run_dir = run_protocol(model, data, protocol_name, out_dir, seed=seed, batch_size=batch_size,
+                           precision=precision, memory_format=memory_format, limit=limit, max_windows=max_windows,
+                           shard=shard, replay=replay, dtd_root=dtd_root, voc_root=voc_root,
+                           progress=not no_progress, protocol_overrides=protocol_overrides or None)
+    if shard or no_report:
+        return
+    from pathlib import Path
+
+    from occbench.report import write_report
+    index = write_report([run_dir], report_dir or Path("reports") / Path(run_dir).name,
+                         title=f"occbench: {Path(run_dir).name}")
+    click.echo(f"report: {index.resolve()}")
 
 
 @click.command()
