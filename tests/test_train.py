@@ -131,3 +131,12 @@ def test_cli_help_and_bad_dataset(tmp_path, capsys):
         main(["train", "--model", "no-such-model", "--dataset", "demo", "--steps", "1",
               "--out", str(tmp_path / "x.pt")])
     assert exit_info.value.code == 2
+
+
+def test_bundled_demo_weights_load_by_default(tmp_path, monkeypatch):
+    from occbench.zoo import load_model
+    monkeypatch.setenv("OCCBENCH_CHECKPOINT_DIR", str(tmp_path))       # nothing there: the bundled file is used
+    model = load_model("pare-demo", device="cpu")
+    assert model.provenance["checkpoint"].endswith("assets/pare_demo.pt")
+    assert model.provenance["trained_on"] == TRAINED_ON_SYNTHETIC
+    assert model.input_size == 96 and next(model.parameters()).dtype == torch.float32
