@@ -27,9 +27,14 @@ def checkpoint_status(entry, checkpoint_dir=None) -> tuple[str | None, str]:
     """(path of the first official file found or None, folder searched); builds nothing, imports no torch."""
     from occbench.assets import asset_dir
     folder = asset_dir("OCCBENCH_CHECKPOINT_DIR", checkpoint_dir)
-    for filename in entry.checkpoint_files:
-        if (folder / filename).is_file():
-            return str(folder / filename), str(folder)
+    from pathlib import Path
+
+    import occbench
+    bundled = Path(occbench.__file__).resolve().parent / "assets"   # weights shipped with occbench (demo)
+    for candidate in (folder, bundled):
+        for filename in entry.checkpoint_files:
+            if (candidate / filename).is_file():
+                return str(candidate / filename), str(folder)
     return None, str(folder)
 
 
