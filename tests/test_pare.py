@@ -22,7 +22,7 @@ MEAN = {"pose": np.tile(np.array([1, 0, 0, 1, 0, 0], np.float32), 24),
 def manifest(name):
     path = manifest_path(name)
     if path is None:
-        pytest.skip(f"{name} not found (set OCCBENCH_MANIFESTS to shared/reference/manifests)")
+        pytest.fail(f"{name}: the official manifests are missing: put shared/reference/manifests beside the checkout or set OCCBENCH_MANIFESTS")
     return path
 
 

@@ -16,7 +16,7 @@ from occbench.zoo import load_model
 def spin_manifest():
     path = manifest_path("spin_hmr.tsv")
     if path is None:
-        pytest.skip("spin_hmr.tsv not found (set OCCBENCH_MANIFESTS to shared/reference/manifests)")
+        pytest.fail("spin_hmr.tsv: the official manifests are missing: put shared/reference/manifests beside the checkout or set OCCBENCH_MANIFESTS")
     return path
 
 
