@@ -84,13 +84,7 @@ def tiny_model(input_size=224, seed=0):
     return TinyModel(input_size, seed).attach_body_model(load_body_model()).eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # the test machine's cores are shared: one intra-op thread avoids spin-wait contention
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

@@ -8,13 +8,7 @@ from occbench.rotations import axis_angle_to_rotmat, rotmat_to_rot6d
 PAPER_PARAMETERS = 26.2e6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_thread():
-    """On a shared 2-core machine multi-threaded CPU kernels spin against each other (~100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def mean_params(seed=0):
