@@ -40,6 +40,7 @@ DEMO_TRAIN_SEED ?= 1
 DEMO_TRAIN_DIR ?= build/demo_train
 STEPS ?= 2000
 STEPS2 ?= 3000
+STEPS3 ?= 5000
 DEMO_TRAIN = $(OCCBENCH) train --model pare-demo --dataset $(DEMO_TRAIN_DIR) --batch-size 16 --threads 1 --half
 demo-weights:
 	test -x $(OCCBENCH) || $(MAKE) venv
@@ -47,5 +48,7 @@ demo-weights:
 		--seed $(DEMO_TRAIN_SEED) --name demo-train --out $(DEMO_TRAIN_DIR)
 	$(DEMO_TRAIN) --steps $(STEPS) --lr 3e-4 --seed 0 --occluder-prob 0.5 --out build/pare_demo_phase1.pt
 	$(DEMO_TRAIN) --steps $(STEPS2) --lr 1e-4 --seed 1 --occluder-prob 0 \
-		--init-checkpoint build/pare_demo_phase1.pt --out occbench/assets/pare_demo.pt
-	rm -f build/pare_demo_phase1.pt.state occbench/assets/pare_demo.pt.state
+		--init-checkpoint build/pare_demo_phase1.pt --out build/pare_demo_phase2.pt
+	$(DEMO_TRAIN) --steps $(STEPS3) --lr 1e-4 --seed 2 --occluder-prob 0 \
+		--init-checkpoint build/pare_demo_phase2.pt --out occbench/assets/pare_demo.pt
+	rm -f build/pare_demo_phase1.pt.state build/pare_demo_phase2.pt.state occbench/assets/pare_demo.pt.state
