@@ -16,7 +16,8 @@ Pipeline (all tensors batched, CPU or CUDA):
    betas), plus L_P (per-pixel cross-entropy of the 25 part maps at their resolution) for models that
    return ``part_maps`` (PARE, 3DNBF's regressor) when part labels exist; BoPR's own loss (relative depth,
    auxiliary 2D/3D, body / part attention) and HKMR's per-outer-iteration loss come from their modules.
-4. Adam, constant learning rate; every ``save_every`` steps FILE.state holds model + optimizer + step +
+4. Adam with a constant learning rate or (``lr_schedule='cosine'``) a short linear warm-up then cosine decay
+   to 1 % of ``lr`` over ``steps``; every ``save_every`` steps FILE.state holds model + optimizer + step +
    RNG states, so ``resume=True`` continues the step count and reproduces the uninterrupted run.
 
 The result is a checkpoint in the model's own container (Lightning for PARE, mmcv for 3DNBF,
@@ -56,6 +57,7 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 16
     lr: float = 1e-4
+    lr_schedule: str = "constant"        # "constant" or "cosine" (warm-up, then decay over `steps`)
     seed: int = 0
     options: dict = field(default_factory=dict)        # architecture options of the zoo entry
     loss_weights: dict = field(default_factory=dict)   # overrides of DEFAULT_WEIGHTS
@@ -402,6 +404,21 @@ def _build(cfg: TrainConfig, device):
     return model.to(device), entry
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate(cfg: TrainConfig, step: int) -> float:
+    """Learning rate of optimisation step ``step`` (0-based). 'cosine': linear warm-up over the first 2 % of
+    ``cfg.steps`` (at least one step), then cosine decay from ``cfg.lr`` to 1 % of it at ``cfg.steps``."""
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    warmup = max(1, cfg.steps // 50)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, cfg.steps - warmup))
+    return cfg.lr * (0.01 + 0.99 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
 def _rng_state(gen):
     return {"gen": gen.get_state(), "torch": torch.get_rng_state(), "numpy": np.random.get_state()}
 
@@ -413,7 +430,8 @@ def _state_path(out: Path) -> Path:
 def _config_key(cfg: TrainConfig) -> dict:
     """The fields a resumed run must share with the interrupted one."""
     d = asdict(cfg)
-    for k in ("steps", "save_every", "device", "num_threads", "out"):
+    # a decaying schedule depends on the total step count, so that one must match too
+    for k in ("save_every", "device", "num_threads", "out") + (("steps",) if cfg.lr_schedule == "constant" else ()):
         d.pop(k)
     return d
 
@@ -430,6 +448,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
 
     if cfg.steps < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
         raise UserError("steps and batch size must be >= 1 and lr > 0")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise UserError(f"unknown learning-rate schedule {cfg.lr_schedule!r}; use one of {LR_SCHEDULES}")
     out = Path(cfg.out)
     if out.parent and not out.parent.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -481,6 +501,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
         while step < end:
             index = torch.randint(0, len(data), (cfg.batch_size,), generator=gen)
             batch = augment(data, index, cfg, model.input_size, model.normalization, gen, device)
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg, step)
             use_part = cfg.part_loss_steps is None or step < cfg.part_loss_steps
             rotmat, betas, cam, extras = model.regress(batch.images)
             terms = compute_losses(model, body, rotmat, betas, cam, extras, batch, weights, use_part,
@@ -560,7 +582,9 @@ def write_sidecar(cfg: TrainConfig, data: TrainingSet, history: list, out: Path,
                     "part_labels": data.parts is not None, "pelvis": data.pelvis,
                     "provenance": data.provenance},
         "steps": len(history), "seed": cfg.seed, "batch_size": cfg.batch_size, "lr": cfg.lr,
-        "optimizer": "Adam (constant learning rate)",
+        "lr_schedule": cfg.lr_schedule,
+        "optimizer": ("Adam (constant learning rate)" if cfg.lr_schedule == "constant" else
+                      "Adam (learning rate: 2 % linear warm-up, cosine decay to 1 %)"),
         "loss_weights": {**DEFAULT_WEIGHTS, **cfg.loss_weights}, "part_loss_steps": cfg.part_loss_steps,
         "augmentation": {"enabled": cfg.augment, "scale_jitter": cfg.scale_jitter,
                          "translate_jitter": cfg.translate_jitter, "color_jitter": cfg.color_jitter,

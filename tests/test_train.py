@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from occbench.train import TRAINED_ON_SYNTHETIC, TrainConfig, add_occluders, fit_weak_camera, train
+from occbench.train import (TRAINED_ON_SYNTHETIC, TrainConfig, add_occluders, fit_weak_camera, learning_rate,
+                            train)
 
 TINY = {"input_size": 32}          # pare-demo at 32 px: 2x2 trunk features, 8x8 part maps
 
@@ -60,6 +61,29 @@ def test_resume_continues_and_matches_uninterrupted(tmp_path, dataset):
     from occbench.errors import UserError
     with pytest.raises(UserError, match="lr"):
         train(_cfg(tmp_path, "cut.pt", steps=6, lr=5e-4), progress=False, dataset=dataset, resume=True)
+
+
+def test_cosine_schedule_known_values():
+    cfg = TrainConfig(model="pare-demo", dataset="-", out="-", steps=1000, lr=1e-3, lr_schedule="cosine")
+    # 20 warm-up steps (2 %), peak at the end of the warm-up, half-way through the decay ~ 0.505 lr, 1 % at the end
+    assert learning_rate(cfg, 0) == pytest.approx(1e-3 / 20)
+    assert learning_rate(cfg, 19) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 20) == pytest.approx(1e-3)
+    assert learning_rate(cfg, 510) == pytest.approx(1e-3 * (0.01 + 0.99 * 0.5))
+    assert learning_rate(cfg, 1000) == pytest.approx(1e-5)
+    assert learning_rate(TrainConfig(model="m", dataset="-", out="-", lr=3e-4), 123) == 3e-4
+
+
+def test_cosine_resume_matches_and_needs_the_same_total(tmp_path, dataset):
+    full = train(_cfg(tmp_path, "cf.pt", lr_schedule="cosine"), progress=False, dataset=dataset)
+    cfg = _cfg(tmp_path, "cc.pt", lr_schedule="cosine")
+    train(cfg, progress=False, dataset=dataset, stop_after=3)
+    from occbench.errors import UserError
+    with pytest.raises(UserError, match="steps"):      # another total would change the decay already applied
+        train(_cfg(tmp_path, "cc.pt", lr_schedule="cosine", steps=8), progress=False, dataset=dataset, resume=True)
+    resumed = train(cfg, progress=False, dataset=dataset, resume=True)
+    assert [h["total"] for h in resumed.history] == [h["total"] for h in full.history]
+    assert json.loads(resumed.sidecar.read_text())["lr_schedule"] == "cosine"
 
 
 def test_checkpoint_loads_strictly_with_trained_on(tmp_path, dataset):

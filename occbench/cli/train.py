@@ -15,7 +15,9 @@ import click
 @click.option("--out", required=True, type=click.Path(dir_okay=False),
               help="Checkpoint to write; FILE.json describes the training, FILE.state holds the resume state.")
 @click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=1e-4, show_default=True, type=float, help="Adam learning rate (constant).")
+@click.option("--lr", default=1e-4, show_default=True, type=float, help="Adam learning rate (peak for cosine).")
+@click.option("--lr-schedule", default="constant", show_default=True, type=click.Choice(["constant", "cosine"]),
+              help="cosine: 2 % linear warm-up, then cosine decay to 1 % of --lr at --steps.")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--resume", is_flag=True, help="Continue from FILE.state (the step count goes on).")
 @click.option("--loss-weight", "loss_weights", multiple=True, metavar="TERM=VALUE",
@@ -33,8 +35,8 @@ import click
 @click.option("--device", default=None, help="cpu, cuda ... (default: cuda if available)")
 @click.option("--threads", "num_threads", default=None, type=int, help="torch CPU threads.")
 @click.option("--no-progress", is_flag=True)
-def train(model_name, backbone, model_options, dataset, steps, out, batch_size, lr, seed, resume, loss_weights,
-          part_loss_steps, occluder_prob, no_augment, limit, init_checkpoint, half, save_every, device,
+def train(model_name, backbone, model_options, dataset, steps, out, batch_size, lr, lr_schedule, seed, resume,
+          loss_weights, part_loss_steps, occluder_prob, no_augment, limit, init_checkpoint, half, save_every, device,
           num_threads, no_progress):
     """Train MODEL on DATASET for STEPS steps; write OUT (the model's own checkpoint layout) + OUT.json."""
     from occbench.errors import UserError
@@ -52,10 +54,10 @@ def train(model_name, backbone, model_options, dataset, steps, out, batch_size, 
                             f"{', '.join(DEFAULT_WEIGHTS)}")
         weights[key] = float(value)
     cfg = TrainConfig(model=model_name, dataset=dataset, out=out, steps=steps, batch_size=batch_size, lr=lr,
-                      seed=seed, options=options, loss_weights=weights, part_loss_steps=part_loss_steps,
-                      augment=not no_augment, occluder_prob=occluder_prob, limit=limit,
-                      init_checkpoint=init_checkpoint, half=half, save_every=save_every, device=device,
-                      num_threads=num_threads)
+                      lr_schedule=lr_schedule, seed=seed, options=options, loss_weights=weights,
+                      part_loss_steps=part_loss_steps, augment=not no_augment, occluder_prob=occluder_prob,
+                      limit=limit, init_checkpoint=init_checkpoint, half=half, save_every=save_every,
+                      device=device, num_threads=num_threads)
     result = run_training(cfg, resume=resume, progress=not no_progress)
     click.echo(f"{result.steps} steps, loss {result.first_loss:.4f} -> {result.last_loss:.4f}; "
                f"wrote {result.checkpoint} and {result.sidecar}")
