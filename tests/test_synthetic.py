@@ -96,3 +96,21 @@ def test_datasets_cli(demo_cache, tmp_path):
     assert len(open_dataset(str(tmp_path / "syn"))) == 2
     for cmd in ("list", "make-demo", "make-synthetic", "show"):
         assert runner.invoke(datasets, [cmd, "--help"]).exit_code == 0
+
+
+def test_stale_demo_cache_is_regenerated(demo_cache):
+    """A demo set rendered with another body (an older stand-in, or SMPL vs stand-in) has ground truth from
+    that body: it must not be reused once the body changes."""
+    from occbench.data.synthetic import ensure_demo
+    cache, _ = demo_cache
+    meta_path = cache / "demo" / "dataset.json"
+    meta = json.loads(meta_path.read_text())
+    assert ensure_demo() == cache / "demo" and json.loads(meta_path.read_text()) == meta   # valid: kept
+    stale = dict(meta, body_model=dict(meta["body_model"], sha256={"smpl": "0" * 64}))
+    meta_path.write_text(json.dumps(stale))
+    ann_before = np.load(cache / "demo" / "annotations.npz")["S"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        folder = ensure_demo()
+    assert json.loads((folder / "dataset.json").read_text())["body_model"] == meta["body_model"]
+    assert np.array_equal(np.load(folder / "annotations.npz")["S"], ann_before)   # same body -> same set

@@ -423,14 +423,21 @@ def demo_dir() -> Path:
 
 
 def ensure_demo(smpl_dir=None, data_dir=None) -> Path:
-    """The embedded demo set, generated on first use (a few seconds) into cache_dir()/demo."""
+    """The embedded demo set, generated on first use (a few seconds) into cache_dir()/demo.
+
+    A cached set is regenerated when the generator, the seed, the size or the body model it was rendered with
+    (file hashes) differ from now: its ground truth must come from the body the models are evaluated with."""
+    from occbench.body import load_body_model
+
     folder = demo_dir()
     meta_path = folder / "dataset.json"
     if meta_path.is_file():
         try:
             meta = json.loads(meta_path.read_text())
+            body = load_body_model(smpl_dir=smpl_dir, data_dir=data_dir, gender="neutral")
             if (meta.get("generator_version") == GENERATOR_VERSION and meta.get("seed") == DEMO_SEED
-                    and meta.get("n") == DEMO_N and (folder / "annotations.npz").is_file()):
+                    and meta.get("n") == DEMO_N and (folder / "annotations.npz").is_file()
+                    and meta.get("body_model", {}).get("sha256") == body.provenance.get("sha256", {})):
                 return folder
         except (OSError, json.JSONDecodeError):
             pass
