@@ -23,6 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+# torchvision-layout residual blocks; groups > 1 gives DaNet's 24 side-by-side per-joint blocks
+from occbench.models.backbones.resnet import BasicBlock, Bottleneck
+from occbench.models.backbones.resnet import make_res_layer as make_layer
+
 NUM_JOINTS = 24
 # SMPL kinematic tree as DaNet writes it: the root is its own parent.
 SMPL_PARENTS = (0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9, 12, 13, 14, 16, 17, 18, 19, 20, 21)
@@ -44,75 +48,6 @@ REFINE_EXTRA_LINKS = ((12, 17), (12, 16),
                       (19, 23),
                       (1, 2), (1, 3), (2, 3), (13, 14), (12, 13), (12, 14))
 NUM_PART_CHANNELS = 7  # background + 6 DensePose parts kept per partial IUV map
-
-
-# ----------------------------------------------------------------------------------------------- blocks
-def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
-    """3x3 conv with ``groups`` independent groups of ``in_planes -> out_planes`` channels each."""
-    return nn.Conv2d(in_planes * groups, out_planes * groups, kernel_size=3, stride=stride, padding=1,
-                     bias=False, groups=groups)
-
-
-class BasicBlock(nn.Module):
-    """ResNet basic block, optionally as ``groups`` parallel blocks. Keys: conv1, bn1, conv2, bn2[, downsample]."""
-
-    expansion = 1
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 groups: int = 1) -> None:
-        super().__init__()
-        self.conv1 = conv3x3(inplanes, planes, stride, groups)
-        self.bn1 = nn.BatchNorm2d(planes * groups)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes, groups=groups)
-        self.bn2 = nn.BatchNorm2d(planes * groups)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
-
-
-class Bottleneck(nn.Module):
-    """ResNet bottleneck (1x1 -> 3x3 -> 1x1, x4 channels). Keys: conv1..3, bn1..3[, downsample]."""
-
-    expansion = 4
-
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.conv3 = nn.Conv2d(planes, planes * self.expansion, kernel_size=1, bias=False)
-        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
-
-
-def make_layer(block: type, inplanes: int, planes: int, num_blocks: int, stride: int = 1,
-               groups: int = 1) -> nn.Sequential:
-    """``num_blocks`` residual blocks (``groups`` parallel copies); the first projects when shapes change."""
-    downsample = None
-    out_planes = planes * block.expansion
-    if stride != 1 or inplanes != out_planes:
-        downsample = nn.Sequential(
-            nn.Conv2d(inplanes * groups, out_planes * groups, kernel_size=1, stride=stride, bias=False,
-                      groups=groups),
-            nn.BatchNorm2d(out_planes * groups))
-    kwargs = {"groups": groups} if groups != 1 else {}
-    layers = [block(inplanes, planes, stride, downsample, **kwargs)]
-    layers += [block(out_planes, planes, **kwargs) for _ in range(1, num_blocks)]
-    return nn.Sequential(*layers)
 
 
 # ------------------------------------------------------------------------------------------ IUV heads

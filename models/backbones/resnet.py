@@ -23,27 +23,32 @@ LAYERS = {18: ("basic", (2, 2, 2, 2)), 34: ("basic", (3, 4, 6, 3)), 50: ("bottle
 STAGE_NAMES = ("layer1", "layer2", "layer3", "layer4")
 
 
-def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=stride, padding=1, bias=False)
+def conv3x3(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    """3x3 conv; with ``groups`` > 1, that many independent ``in_planes -> out_planes`` convs side by side."""
+    return nn.Conv2d(in_planes * groups, out_planes * groups, kernel_size=3, stride=stride, padding=1,
+                     bias=False, groups=groups)
 
 
-def conv1x1(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False)
+def conv1x1(in_planes: int, out_planes: int, stride: int = 1, groups: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_planes * groups, out_planes * groups, kernel_size=1, stride=stride, bias=False,
+                     groups=groups)
 
 
 class BasicBlock(nn.Module):
-    """Two 3x3 convs + identity. Keys: conv1, bn1, conv2, bn2[, downsample.0/.1]."""
+    """Two 3x3 convs + identity. Keys: conv1, bn1, conv2, bn2[, downsample.0/.1].
+
+    ``groups`` > 1 runs that many independent blocks side by side (DaNet's per-joint limb layer)."""
 
     expansion = 1
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None,
-                 bn_momentum: float = 0.1) -> None:
+                 bn_momentum: float = 0.1, groups: int = 1) -> None:
         super().__init__()
-        self.conv1 = conv3x3(inplanes, planes, stride)
-        self.bn1 = nn.BatchNorm2d(planes, momentum=bn_momentum)
+        self.conv1 = conv3x3(inplanes, planes, stride, groups)
+        self.bn1 = nn.BatchNorm2d(planes * groups, momentum=bn_momentum)
         self.relu = nn.ReLU(inplace=True)
-        self.conv2 = conv3x3(planes, planes)
-        self.bn2 = nn.BatchNorm2d(planes, momentum=bn_momentum)
+        self.conv2 = conv3x3(planes, planes, groups=groups)
+        self.bn2 = nn.BatchNorm2d(planes * groups, momentum=bn_momentum)
         self.downsample = downsample
         self.stride = stride
 
@@ -84,14 +89,17 @@ BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
 def make_res_layer(block: type, inplanes: int, planes: int, num_blocks: int, stride: int = 1,
-                   bn_momentum: float = 0.1) -> nn.Sequential:
-    """A stage of ``num_blocks`` residual blocks; the first one projects with ``downsample`` if needed."""
+                   bn_momentum: float = 0.1, groups: int = 1) -> nn.Sequential:
+    """A stage of ``num_blocks`` residual blocks; the first one projects with ``downsample`` if needed.
+    ``groups`` > 1 (basic blocks only): that many independent stages side by side."""
     downsample = None
-    if stride != 1 or inplanes != planes * block.expansion:
-        downsample = nn.Sequential(conv1x1(inplanes, planes * block.expansion, stride),
-                                   nn.BatchNorm2d(planes * block.expansion, momentum=bn_momentum))
-    layers = [block(inplanes, planes, stride, downsample, bn_momentum=bn_momentum)]
-    layers += [block(planes * block.expansion, planes, bn_momentum=bn_momentum) for _ in range(1, num_blocks)]
+    out_planes = planes * block.expansion
+    if stride != 1 or inplanes != out_planes:
+        downsample = nn.Sequential(conv1x1(inplanes, out_planes, stride, groups),
+                                   nn.BatchNorm2d(out_planes * groups, momentum=bn_momentum))
+    extra = {"bn_momentum": bn_momentum, **({"groups": groups} if groups != 1 else {})}
+    layers = [block(inplanes, planes, stride, downsample, **extra)]
+    layers += [block(out_planes, planes, **extra) for _ in range(1, num_blocks)]
     return nn.Sequential(*layers)
 
 
