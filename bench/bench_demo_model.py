@@ -6,7 +6,9 @@
 2. Occlusion sensitivity on ``occsens40-dense`` (576 windows per sample, run through the engine): the mean
    per-sample-per-window MPJPE of windows whose centre lies on the body silhouette (the demo set's part
    labels, cropped like the images) vs windows whose centre lies off it; also vs windows that do not touch
-   the body at all. Target: on / off >= 1.5.
+   the body at all. Target: on / off >= 1.5. Also, per joint: the error of the joints a window hides (the
+   engine's ``occluded`` flag) vs the same joints' clean error, and vs the joints left in view -- where the
+   occlusion's effect concentrates (the mean over 14 joints dilutes it).
 
     python bench/bench_demo_model.py                      # bundled weights, all 32 demo samples
     python bench/bench_demo_model.py --checkpoint FILE --limit 8 --json out.json
@@ -70,9 +72,13 @@ def mean_pose_baselines(model, dataset, n: int) -> dict:
 def sensitivity(run_dir: Path, input_size: int, masks: np.ndarray) -> dict:
     """On-body vs off-body window errors from an occsens run's joints.parquet."""
     joints = pd.read_parquet(run_dir / "joints.parquet",
-                             columns=["sample_index", "window", "joint", "mpjpe", "visible", "occ_cx", "occ_cy",
-                                      "x0", "y0", "size"])
+                             columns=["sample_index", "window", "joint", "mpjpe", "visible", "occluded", "occ_cx",
+                                      "occ_cy", "x0", "y0", "size"])
     joints = joints[joints["visible"]]
+    clean_joint = joints[joints["window"] < 0].set_index(["sample_index", "joint"])["mpjpe"]
+    windows = joints[joints["window"] >= 0]
+    hidden = windows[windows["occluded"]]
+    hidden_clean = clean_joint.loc[list(zip(hidden["sample_index"], hidden["joint"]))]
     per = joints.groupby(["sample_index", "window"]).agg(
         mpjpe=("mpjpe", "mean"), cx=("occ_cx", "first"), cy=("occ_cy", "first"), x0=("x0", "first"),
         y0=("y0", "first"), size=("size", "first")).reset_index()
@@ -96,7 +102,11 @@ def sensitivity(run_dir: Path, input_size: int, masks: np.ndarray) -> dict:
     return {"clean_mpjpe": float(clean.mean()), "windows": int(len(per)),
             "windows_on_body": int(per["on_body"].sum()), "windows_clear_of_body": int((~per["touches_body"]).sum()),
             "on_body_mpjpe": float(on), "off_body_mpjpe": float(off), "clear_of_body_mpjpe": float(far),
-            "ratio_on_off": float(on / off), "ratio_on_clear": float(on / far)}
+            "ratio_on_off": float(on / off), "ratio_on_clear": float(on / far),
+            "hidden_joints": int(len(hidden)), "hidden_joint_mpjpe": float(hidden["mpjpe"].mean()),
+            "hidden_joint_clean_mpjpe": float(hidden_clean.mean()),
+            "ratio_hidden_vs_clean": float(hidden["mpjpe"].mean() / hidden_clean.mean()),
+            "unhidden_joint_mpjpe": float(windows.loc[~windows["occluded"], "mpjpe"].mean())}
 
 
 def main(argv=None) -> dict:
@@ -139,6 +149,9 @@ def main(argv=None) -> dict:
           f"-> ratio {figures['ratio_on_off']:.2f} (target >= 1.5)")
     print(f"  windows not touching the body: {figures['clear_of_body_mpjpe']:.1f} mm "
           f"({figures['windows_clear_of_body']} windows) -> ratio {figures['ratio_on_clear']:.2f}")
+    print(f"  joints hidden by a window: {figures['hidden_joint_mpjpe']:.1f} mm vs the same joints clean "
+          f"{figures['hidden_joint_clean_mpjpe']:.1f} mm -> ratio {figures['ratio_hidden_vs_clean']:.2f} "
+          f"({figures['hidden_joints']} joint-windows); joints left in view {figures['unhidden_joint_mpjpe']:.1f} mm")
     print(f"  {figures['seconds']} s; run directory {run_dir}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(figures, indent=2) + "\n")

@@ -3,6 +3,7 @@ loads strictly through load_model with the sidecar's trained_on, the CLI reports
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -164,3 +165,24 @@ def test_bundled_demo_weights_load_by_default(tmp_path, monkeypatch):
     assert model.provenance["checkpoint"].endswith("assets/pare_demo.pt")
     assert model.provenance["trained_on"] == TRAINED_ON_SYNTHETIC
     assert model.input_size == 96 and next(model.parameters()).dtype == torch.float32
+
+
+def test_bundled_demo_weights_beat_the_mean_pose(single_thread):
+    """The shipped weights learned: on the held-out demo set their clean MPJPE is under half that of the best
+    constant predictor (the demo set's own mean pose). bench/bench_demo_model.py prints the full figures."""
+    from occbench.data import open_dataset
+    from occbench.metrics import mpjpe
+    from occbench.zoo import load_model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = load_model("pare-demo", device="cpu")
+        ds = open_dataset("demo")
+    samples = [ds[i] for i in range(len(ds))]
+    crops = torch.as_tensor(np.stack([s.crop for s in samples])).permute(0, 3, 1, 2).float() / 255
+    gt = torch.as_tensor(np.stack([s.joints3d for s in samples])).float()
+    with torch.no_grad():
+        pred = model.predict(crops)
+    pred3d = pred.joints_lsp - pred.joints_h36m[:, :1]            # the demo set's pelvis: H36M root
+    ours = float(mpjpe(pred3d, gt).mean())
+    constant = float(mpjpe(gt.mean(0, keepdim=True).expand_as(gt), gt).mean())
+    assert ours < 0.5 * constant, (ours, constant)
