@@ -30,7 +30,7 @@ from occbench.rotations import axis_angle_to_rotmat
 
 NUM_SAMPLES = 4
 INPUT_SIZE = 32
-STEPS = {"bopr": 80, "hkmr": 60}
+STEPS = {"bopr": 120, "hkmr": 60}
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -120,7 +120,7 @@ def test_training_signal(body):
                head.shape_mlp, head.cam_mlp]
     optimizer = torch.optim.Adam([p for m in trained for p in m.parameters()], lr=6e-3)
     losses = []
-    for _ in range(50):
+    for _ in range(80):
         pose6d, pred_betas, _, _ = head.regress_from_decoder(decoder.upsample3(coarse, stages["layer1"]))
         rotmat = rot6d_to_rotmat(pose6d).view(4, 24, 3, 3)
         loss = (((rotmat - target_rot) ** 2).mean() + ((joints(rotmat) - target_joints) ** 2).sum(-1).mean()
