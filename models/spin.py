@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from occbench.models.backbones.resnet import init_resnet_weights, trunk_forward, trunk_modules
+from occbench.models.backbones.resnet import BLOCKS, LAYERS, init_resnet_weights, trunk_forward, trunk_modules
 from occbench.models.base import ZooModel
 from occbench.rotations import rot6d_to_rotmat
 
@@ -48,25 +48,29 @@ def mean_param_buffers(mean_params: dict | None) -> dict[str, torch.Tensor]:
 
 
 class HMRRegressor(ZooModel):
-    """HMR with SPIN's IEF regressor. ``regress(images (B,3,224,224))`` ->
-    (rotmat (B,24,3,3), betas (B,10), cam (B,3), extras {"pose6d": (B,144), "features": (B,2048)})."""
+    """HMR with SPIN's IEF regressor. ``regress(images (B,3,S,S))`` ->
+    (rotmat (B,24,3,3), betas (B,10), cam (B,3), extras {"pose6d": (B,144), "features": (B,feature_dim)})."""
 
     name = "spin"
     input_size = 224
 
-    def __init__(self, mean_params: dict | None = None, num_iterations: int = 3) -> None:
+    def __init__(self, mean_params: dict | None = None, num_iterations: int = 3, backbone: str = "resnet50",
+                 backbone_stages: int = 4, hidden_size: int = 1024, input_size: int = 224) -> None:
         super().__init__()
         self.num_iterations = num_iterations
-        for name, module in trunk_modules(50).items():
+        self.input_size = int(input_size)
+        depth = int(backbone[len("resnet"):])
+        for name, module in trunk_modules(depth, num_stages=backbone_stages).items():
             self.add_module(name, module)
-        feature_dim = 2048
-        self.fc1 = nn.Linear(feature_dim + NPOSE + 10 + 3, 1024)
+        feature_dim = 64 * 2 ** (backbone_stages - 1) * BLOCKS[LAYERS[depth][0]].expansion
+        self.feature_dim = feature_dim
+        self.fc1 = nn.Linear(feature_dim + NPOSE + 10 + 3, hidden_size)
         self.drop1 = nn.Dropout()
-        self.fc2 = nn.Linear(1024, 1024)
+        self.fc2 = nn.Linear(hidden_size, hidden_size)
         self.drop2 = nn.Dropout()
-        self.decpose = nn.Linear(1024, NPOSE)
-        self.decshape = nn.Linear(1024, 10)
-        self.deccam = nn.Linear(1024, 3)
+        self.decpose = nn.Linear(hidden_size, NPOSE)
+        self.decshape = nn.Linear(hidden_size, 10)
+        self.deccam = nn.Linear(hidden_size, 3)
         for name, value in mean_param_buffers(mean_params).items():
             self.register_buffer(name, value)
         init_resnet_weights(self)
@@ -75,11 +79,11 @@ class HMRRegressor(ZooModel):
             nn.init.xavier_uniform_(layer.weight, gain=0.01)
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """(B,3,224,224) normalized -> (B,2048) average-pooled layer4 features."""
+        """(B,3,S,S) normalized -> (B,feature_dim) average-pooled features of the last stage (2048 for SPIN)."""
         return trunk_forward(self, images).mean(dim=(2, 3))
 
     def iterate(self, features: torch.Tensor, num_iterations: int | None = None):
-        """IEF from the mean parameters. features (B,2048) -> pose6d (B,144), betas (B,10), cam (B,3)."""
+        """IEF from the mean parameters. features (B,feature_dim) -> pose6d (B,144), betas (B,10), cam (B,3)."""
         batch = features.shape[0]
         pose = self.init_pose.expand(batch, -1)
         shape = self.init_shape.expand(batch, -1)
@@ -99,12 +103,22 @@ class HMRRegressor(ZooModel):
         return rotmat, betas, cam, {"pose6d": pose6d, "features": features}
 
 
-def build(mean_params: dict | None = None, num_iterations: int = 3) -> HMRRegressor:
+def build(mean_params: dict | None = None, num_iterations: int = 3, backbone: str = "resnet50",
+          backbone_stages: int = 4, hidden_size: int = 1024, input_size: int = 224) -> HMRRegressor:
     """SPIN / HMR-EFT regressor with random weights (load the official file with occbench.load_model).
 
     num_iterations: IEF iterations at inference (3 in SPIN and EFT).
+    backbone, backbone_stages, hidden_size, input_size: the official network is resnet50 / 4 / 1024 / 224;
+    anything else is a small configuration with no official layout (the demo model ``spin-demo``).
     """
     if num_iterations < 1:
         raise ValueError(f"num_iterations must be >= 1, not {num_iterations}")
-    return HMRRegressor(mean_params=mean_params, num_iterations=num_iterations)
+    if backbone not in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"):
+        raise ValueError(f"spin backbone must be resnet18/34/50/101/152, not {backbone!r}")
+    if input_size % 32:
+        raise ValueError(f"spin input_size must be a multiple of 32, not {input_size}")
+    if hidden_size < 1:
+        raise ValueError(f"spin hidden_size must be >= 1, not {hidden_size}")
+    return HMRRegressor(mean_params=mean_params, num_iterations=num_iterations, backbone=backbone,
+                        backbone_stages=backbone_stages, hidden_size=hidden_size, input_size=input_size)
 

@@ -135,3 +135,29 @@ def test_bad_options_are_refused():
         build_model("spin", mean_params=mean_params_identity(), num_iterations=0)
     with pytest.raises(ValueError, match="pose"):
         build_model("spin", mean_params={"pose": np.zeros(10), "shape": np.zeros(10), "cam": np.zeros(3)})
+
+
+def test_small_configuration_keeps_the_key_names_and_shrinks_the_shapes():
+    """resnet18 cut after layer3 with a 512-wide regressor (spin-demo): the official key names of the
+    layers it keeps, 256 pooled features, and the official 2205-wide input layout of fc1 scaled down."""
+    model = build_model("spin", mean_params=mean_params_identity(), backbone="resnet18", backbone_stages=3,
+                        hidden_size=512, input_size=96).eval()
+    state = model.state_dict()
+    assert not any(key.startswith("layer4.") for key in state)
+    assert state["layer3.1.conv2.weight"].shape == (256, 256, 3, 3)
+    assert state["fc1.weight"].shape == (512, 256 + 144 + 10 + 3)
+    assert state["decpose.weight"].shape == (144, 512)
+    assert model.input_size == 96
+    with torch.no_grad():
+        rotmat, betas, cam, extras = model.regress(torch.randn(2, 3, 96, 96))
+    assert extras["features"].shape == (2, 256)
+    assert rotmat.shape == (2, 24, 3, 3) and betas.shape == (2, 10) and cam.shape == (2, 3)
+    official = build_model("spin", mean_params=mean_params_identity())
+    assert official.input_size == 224 and official.feature_dim == 2048
+
+
+@pytest.mark.parametrize("bad, message", [({"backbone": "vgg16"}, "backbone"), ({"input_size": 100}, "multiple of 32"),
+                                          ({"hidden_size": 0}, "hidden_size")])
+def test_small_configuration_rejects_bad_options(bad, message):
+    with pytest.raises(ValueError, match=message):
+        build_model("spin", mean_params=mean_params_identity(), **bad)
