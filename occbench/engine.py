@@ -118,12 +118,16 @@ class _nullcontext:
 
 
 def autotune(runner: Runner, input_size: int, max_batch: int = 64, memory_formats=None,
-             min_seconds: float = 0.25, max_call_seconds: float = 2.0) -> dict:
-    """Measure images/s at batch sizes 1, 2, 4, ... (and each memory format); pick the fastest.
+             min_seconds: float = 0.25, max_call_seconds: float = 2.0, rounds: int = 2,
+             tolerance: float = 0.9) -> dict:
+    """Measure images/s at batch sizes 1, 2, 4, ... (and each memory format); pick a fast one.
 
-    Stops growing the batch once throughput falls below 85% of the best so far, one call takes longer than
-    ``max_call_seconds`` (slow CPUs: bigger batches no longer amortize anything) or the device runs out of
-    memory. Returns {"batch_size", "memory_format", "measurements": [{batch, format, images_per_s}, ...]}.
+    Each size is timed in ``rounds`` separate rounds and keeps its best, so one slow moment on a shared
+    machine does not decide. The batch stops growing after two sizes in a row below 85% of the best so far,
+    once one call takes longer than ``max_call_seconds`` (slow CPUs: bigger batches no longer amortize
+    anything), or when the device runs out of memory. The choice is the largest batch within ``tolerance``
+    of the fastest: under load, a small batch that happened to be timed in a quiet moment loses more than it
+    wins. Returns {"batch_size", "memory_format", "measurements": [{batch, format, images_per_s}, ...]}.
     """
     device = runner.device
     formats = memory_formats or (["channels_last", "contiguous"])
@@ -131,36 +135,49 @@ def autotune(runner: Runner, input_size: int, max_batch: int = 64, memory_format
     generator = torch.Generator().manual_seed(0)
     for fmt in formats:
         runner.set_memory_format(fmt)
-        best = 0.0
+        best, below = 0.0, 0
         batch = 1
         while batch <= max_batch:
             images = torch.rand(batch, 3, input_size, input_size, generator=generator).to(device)
             try:
-                with runner.grad_context():
-                    runner(images)                      # warm-up (allocations, kernel selection)
-                    _sync(device)
-                    calls, start = 0, time.perf_counter()
-                    while True:
-                        runner(images)
-                        calls += 1
-                        _sync(device)
-                        elapsed = time.perf_counter() - start
-                        if elapsed >= min_seconds or calls >= 5:
-                            break
+                speed, per_call = _time_batch(runner, images, device, min_seconds, rounds)
             except torch.OutOfMemoryError:
                 torch.cuda.empty_cache()
                 break
-            speed = batch * calls / elapsed
             results.append({"batch": batch, "format": fmt, "images_per_s": round(speed, 2)})
-            if speed < 0.85 * best:
+            below = below + 1 if speed < 0.85 * best else 0
+            if below >= 2:
                 break
             best = max(best, speed)
-            if elapsed / calls > max_call_seconds and batch >= 8:
+            if per_call > max_call_seconds and batch >= 8:
                 break   # a call this long already amortizes per-call overhead
             batch *= 2
-    choice = max(results, key=lambda r: r["images_per_s"])
+    fastest = max(r["images_per_s"] for r in results)
+    choice = max((r for r in results if r["images_per_s"] >= tolerance * fastest),
+                 key=lambda r: (r["batch"], r["images_per_s"]))
     runner.set_memory_format(choice["format"])
     return {"batch_size": choice["batch"], "memory_format": choice["format"], "measurements": results}
+
+
+def _time_batch(runner: Runner, images: torch.Tensor, device, min_seconds: float, rounds: int):
+    """(best images/s over ``rounds`` timing rounds, seconds per call in that round)."""
+    best_speed, best_call = 0.0, 0.0
+    with runner.grad_context():
+        runner(images)                      # warm-up (allocations, kernel selection)
+        _sync(device)
+        for _ in range(max(1, rounds)):
+            calls, start = 0, time.perf_counter()
+            while True:
+                runner(images)
+                calls += 1
+                _sync(device)
+                elapsed = time.perf_counter() - start
+                if elapsed >= min_seconds or calls >= 5:
+                    break
+            speed = len(images) * calls / elapsed
+            if speed > best_speed:
+                best_speed, best_call = speed, elapsed / calls
+    return best_speed, best_call
 
 
 def _sync(device: torch.device) -> None:
