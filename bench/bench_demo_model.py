@@ -9,6 +9,10 @@
    the body at all. Target: on / off >= 1.5. Also, per joint: the error of the joints a window hides (the
    engine's ``occluded`` flag) vs the same joints' clean error, and vs the joints left in view -- where the
    occlusion's effect concentrates (the mean over 14 joints dilutes it).
+3. What the on / off ratio could reach if occlusion only cost information: the same windows with every joint a
+   window hides given the error of the constant mean-pose predictor (or its clean error, when larger) and
+   every other joint its clean error. A model that fails locally -- PARE's design goal -- cannot pass that
+   figure by much; beyond it, a window must also damage joints it does not hide.
 
     python bench/bench_demo_model.py                      # bundled weights, all 32 demo samples
     python bench/bench_demo_model.py --checkpoint FILE --limit 8 --json out.json
@@ -54,7 +58,8 @@ def mean_pose_baselines(model, dataset, n: int) -> dict:
 
     gt = torch.as_tensor(np.stack([dataset[i].joints3d for i in range(n)]))            # (n,14,3) aligned
     const = gt.mean(0, keepdim=True).expand_as(gt)
-    out = {"mean_gt_pose_mpjpe": float(mpjpe(const, gt).mean())}
+    out = {"mean_gt_pose_mpjpe": float(mpjpe(const, gt).mean()),
+           "mean_gt_pose_joint_errors": mpjpe(const, gt).numpy()}                       # (n,14) mm
     head = getattr(model, "head", model)
     if hasattr(head, "init_pose"):
         from occbench.rotations import rot6d_to_rotmat
@@ -69,8 +74,12 @@ def mean_pose_baselines(model, dataset, n: int) -> dict:
     return out
 
 
-def sensitivity(run_dir: Path, input_size: int, masks: np.ndarray) -> dict:
-    """On-body vs off-body window errors from an occsens run's joints.parquet."""
+def sensitivity(run_dir: Path, input_size: int, masks: np.ndarray,
+                mean_pose_joint_error: np.ndarray | None = None) -> dict:
+    """On-body vs off-body window errors from an occsens run's joints.parquet.
+
+    mean_pose_joint_error: (n,14) mm, the constant mean-pose predictor's per-joint error; adds the
+    information-loss ceiling of the on / off ratio (module docstring, item 3)."""
     joints = pd.read_parquet(run_dir / "joints.parquet",
                              columns=["sample_index", "window", "joint", "mpjpe", "visible", "occluded", "occ_cx",
                                       "occ_cy", "x0", "y0", "size"])
@@ -79,8 +88,15 @@ def sensitivity(run_dir: Path, input_size: int, masks: np.ndarray) -> dict:
     windows = joints[joints["window"] >= 0]
     hidden = windows[windows["occluded"]]
     hidden_clean = clean_joint.loc[list(zip(hidden["sample_index"], hidden["joint"]))]
+    joints = joints.copy()
+    if mean_pose_joint_error is not None:
+        own_clean = clean_joint.loc[list(zip(joints["sample_index"], joints["joint"]))].to_numpy()
+        lost = np.maximum(mean_pose_joint_error[joints["sample_index"], joints["joint"]], own_clean)
+        joints["ceiling"] = np.where(joints["occluded"] & (joints["window"] >= 0), lost, own_clean)
+    else:
+        joints["ceiling"] = np.nan
     per = joints.groupby(["sample_index", "window"]).agg(
-        mpjpe=("mpjpe", "mean"), cx=("occ_cx", "first"), cy=("occ_cy", "first"), x0=("x0", "first"),
+        mpjpe=("mpjpe", "mean"), ceiling=("ceiling", "mean"), cx=("occ_cx", "first"), cy=("occ_cy", "first"), x0=("x0", "first"),
         y0=("y0", "first"), size=("size", "first")).reset_index()
     clean = per[per["window"] < 0].set_index("sample_index")["mpjpe"]
     per = per[per["window"] >= 0].copy()
@@ -99,6 +115,7 @@ def sensitivity(run_dir: Path, input_size: int, masks: np.ndarray) -> dict:
     on = per.loc[per["on_body"], "mpjpe"].mean()
     off = per.loc[~per["on_body"], "mpjpe"].mean()
     far = per.loc[~per["touches_body"], "mpjpe"].mean()
+    ceiling = per.loc[per["on_body"], "ceiling"].mean() / per.loc[~per["on_body"], "ceiling"].mean()
     return {"clean_mpjpe": float(clean.mean()), "windows": int(len(per)),
             "windows_on_body": int(per["on_body"].sum()), "windows_clear_of_body": int((~per["touches_body"]).sum()),
             "on_body_mpjpe": float(on), "off_body_mpjpe": float(off), "clear_of_body_mpjpe": float(far),
@@ -106,7 +123,8 @@ def sensitivity(run_dir: Path, input_size: int, masks: np.ndarray) -> dict:
             "hidden_joints": int(len(hidden)), "hidden_joint_mpjpe": float(hidden["mpjpe"].mean()),
             "hidden_joint_clean_mpjpe": float(hidden_clean.mean()),
             "ratio_hidden_vs_clean": float(hidden["mpjpe"].mean() / hidden_clean.mean()),
-            "unhidden_joint_mpjpe": float(windows.loc[~windows["occluded"], "mpjpe"].mean())}
+            "unhidden_joint_mpjpe": float(windows.loc[~windows["occluded"], "mpjpe"].mean()),
+            "ratio_on_off_if_hidden_joints_lost": float(ceiling)}
 
 
 def main(argv=None) -> dict:
@@ -132,10 +150,12 @@ def main(argv=None) -> dict:
     started = time.time()
     out_dir = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="bench-demo-")) / "run"
     run_dir = run_protocol(model, dataset, "occsens40-dense", out_dir, seed=0, limit=n, progress=True)
+    baselines = mean_pose_baselines(model, dataset, n)
+    per_joint_const = baselines.pop("mean_gt_pose_joint_errors")
     figures = {"model": args.model, "checkpoint": model.provenance.get("checkpoint"),
                "trained_on": model.provenance.get("trained_on"), "dataset": "demo", "samples": n,
-               **mean_pose_baselines(model, dataset, n),
-               **sensitivity(Path(run_dir), int(model.input_size), silhouettes(dataset, n)),
+               **baselines,
+               **sensitivity(Path(run_dir), int(model.input_size), silhouettes(dataset, n), per_joint_const),
                "seconds": round(time.time() - started, 1), "run_dir": str(run_dir)}
     figures["clean_vs_mean_pose"] = figures["clean_mpjpe"] / figures["mean_gt_pose_mpjpe"]
     print(f"demo model {args.model} ({figures['trained_on']})")
@@ -152,6 +172,8 @@ def main(argv=None) -> dict:
     print(f"  joints hidden by a window: {figures['hidden_joint_mpjpe']:.1f} mm vs the same joints clean "
           f"{figures['hidden_joint_clean_mpjpe']:.1f} mm -> ratio {figures['ratio_hidden_vs_clean']:.2f} "
           f"({figures['hidden_joints']} joint-windows); joints left in view {figures['unhidden_joint_mpjpe']:.1f} mm")
+    print(f"  if every hidden joint lost all information (mean-pose error) and nothing else changed: on / off "
+          f"{figures['ratio_on_off_if_hidden_joints_lost']:.2f}")
     print(f"  {figures['seconds']} s; run directory {run_dir}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(figures, indent=2) + "\n")

@@ -1,0 +1,40 @@
+"""bench/bench_demo_model.py's figures on a hand-made run with known errors."""
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_demo_model.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_demo_model", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_on_off_ratio_hidden_joints_and_the_information_loss_ceiling(bench, tmp_path):
+    # one sample, 14 joints at 10 mm clean; window 0 is centred on the body and hides joints 0 and 1
+    # (110 mm each), window 1 lies far off the body and changes nothing
+    rows = []
+    for window, cx, error_of in ((-1, np.nan, lambda j: 10.0), (0, 50.0, lambda j: 110.0 if j < 2 else 10.0),
+                                 (1, 200.0, lambda j: 10.0)):
+        for joint in range(14):
+            rows.append({"sample_index": 0, "window": window, "joint": joint, "mpjpe": error_of(joint),
+                         "visible": True, "occluded": window == 0 and joint < 2, "occ_cx": cx, "occ_cy": cx,
+                         "x0": cx - 20, "y0": cx - 20, "size": 40.0})
+    pd.DataFrame(rows).to_parquet(tmp_path / "joints.parquet")
+    masks = np.zeros((1, 224, 224), bool)
+    masks[0, 40:60, 40:60] = True
+    figures = bench.sensitivity(tmp_path, 224, masks, mean_pose_joint_error=np.full((1, 14), 50.0))
+    on, off = (2 * 110 + 12 * 10) / 14, 10.0
+    assert figures["windows_on_body"] == 1 and figures["windows_clear_of_body"] == 1
+    assert figures["on_body_mpjpe"] == pytest.approx(on) and figures["off_body_mpjpe"] == pytest.approx(off)
+    assert figures["ratio_on_off"] == pytest.approx(on / off)
+    assert figures["hidden_joints"] == 2 and figures["ratio_hidden_vs_clean"] == pytest.approx(11.0)
+    # the ceiling gives the hidden joints the mean-pose error (50 mm), every other joint its clean error
+    assert figures["ratio_on_off_if_hidden_joints_lost"] == pytest.approx((2 * 50 + 12 * 10) / 14 / 10)
