@@ -32,13 +32,14 @@ clean:
 	rm -rf $(VENV) reports/*/ .pytest_cache
 
 # Demo weights (bundled: occbench/assets/pare_demo.pt + .json): PARE (ResNet-18 cut after layer3, 96 px)
-# trained from scratch on a synthetic stand-in training set (24000 samples, seed 1; the demo set's seed
-# differs, so it stays held out): 10000 steps of batch 16, Adam, peak lr 1e-3 with cosine decay, no
-# synthetic occluders. About 6.5 min of rendering + 1.5 min of loading + 58 min of training on this 2-core
+# trained from scratch on a synthetic stand-in training set (24000 samples, seed 1, generator
+# occbench-synthetic-2: the folder name carries the version so an older set is never reused; the demo
+# set's seed differs, so it stays held out): 10000 steps of batch 16, Adam, peak lr 1e-3 with cosine decay, no
+# synthetic occluders. About 6.5 min of rendering + 1.5 min of loading + 60 min of training on this 2-core
 # CPU (one thread, so the run is reproducible step for step). The committed file comes from this command.
 DEMO_TRAIN_N ?= 24000
 DEMO_TRAIN_SEED ?= 1
-DEMO_TRAIN_DIR ?= build/demo_train24k
+DEMO_TRAIN_DIR ?= build/demo_train_v2
 DEMO_STEPS ?= 10000
 demo-weights:
 	test -x $(OCCBENCH) || $(MAKE) venv

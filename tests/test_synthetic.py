@@ -12,7 +12,7 @@ from click.testing import CliRunner
 from occbench.cli.datasets import datasets
 from occbench.data import open_dataset
 from occbench.data.crop import inverse_transform_points
-from occbench.data.synthetic import DEMO_N, make_synthetic
+from occbench.data.synthetic import DEMO_N, JOINT_NOISE, make_synthetic, random_pose
 from occbench.standin import standin_dir
 
 
@@ -91,9 +91,12 @@ def test_datasets_cli(demo_cache, tmp_path):
     assert res.exit_code == 0, res.output
     assert cv2.imread(str(out)).shape == (448, 448, 3)
     assert json.loads(res.output)["sample_id"] == "images/000002.jpg#0"
-    res = runner.invoke(datasets, ["make-synthetic", "--n", "2", "--out", str(tmp_path / "syn"), "--seed", "3"])
+    res = runner.invoke(datasets, ["make-synthetic", "--n", "2", "--out", str(tmp_path / "syn"), "--seed", "3",
+                                   "--limb-swing", "0.2"])
     assert res.exit_code == 0, res.output
     assert len(open_dataset(str(tmp_path / "syn"))) == 2
+    meta = json.loads((tmp_path / "syn" / "dataset.json").read_text())
+    assert meta["pose_variation"] == {"limb_swing": 0.2, "joint_noise": JOINT_NOISE}
     for cmd in ("list", "make-demo", "make-synthetic", "show"):
         assert runner.invoke(datasets, [cmd, "--help"]).exit_code == 0
 
@@ -114,3 +117,20 @@ def test_stale_demo_cache_is_regenerated(demo_cache):
         folder = ensure_demo()
     assert json.loads((folder / "dataset.json").read_text())["body_model"] == meta["body_model"]
     assert np.array_equal(np.load(folder / "annotations.npz")["S"], ann_before)   # same body -> same set
+
+
+def test_limb_swing_sets_the_spread_of_the_arms_and_keeps_them_out_of_the_torso():
+    def poses(limb_swing):
+        rng = np.random.default_rng(0)
+        return np.stack([random_pose(rng, limb_swing=limb_swing, joint_noise=0.0)[0] for _ in range(400)])
+
+    still, swung, wide = poses(0.0), poses(0.45), poses(0.9)
+    left_shoulder_z, left_hip_z, right_hip_z = 16 * 3 + 2, 1 * 3 + 2, 2 * 3 + 2
+    swing = [np.abs(p[:, left_shoulder_z] - still[:, left_shoulder_z]).mean() for p in (swung, wide)]
+    assert 0.2 < swing[0] < swing[1]                       # ~0.45 * sqrt(2 / pi), less where clipped
+    assert np.abs(swung[:, 4 * 3:4 * 3 + 3] - still[:, 4 * 3:4 * 3 + 3]).max() == 0   # knees do not swing
+    for p in (swung, wide):
+        assert p[:, left_shoulder_z].min() >= -1.3 and p[:, 17 * 3 + 2].max() <= 1.3   # never into the torso
+        # hips only abduct: the swing moves the left leg to +z and the right leg to -z of the still pose
+        assert (p[:, left_hip_z] >= still[:, left_hip_z] - 1e-12).all()
+        assert (p[:, right_hip_z] <= still[:, right_hip_z] + 1e-12).all()

@@ -56,13 +56,20 @@ def make_demo(out):
               help="Split name recorded in dataset.json.")
 @click.option("--image-size", type=click.IntRange(min=64), default=256, show_default=True,
               help="Rendered image side in px.")
-def make_synthetic_cmd(n, out, seed, split_name, image_size):
+@click.option("--limb-swing", type=click.FloatRange(min=0), default=None,
+              help="Std (rad) of the frontal-plane swing of arms and hips (default: the demo set's).")
+@click.option("--joint-noise", type=click.FloatRange(min=0), default=None,
+              help="Std (rad) of small all-axis joint rotations (default: the demo set's).")
+def make_synthetic_cmd(n, out, seed, split_name, image_size, limb_swing, joint_noise):
     """Render a synthetic training/evaluation set (SPIN npz + images + part labels) into OUT."""
     from occbench.data.synthetic import DEMO_SEED, make_synthetic
 
     if seed == DEMO_SEED:
         click.echo(f"warning: seed {seed} is the demo set's seed; the demo set will not be held out", err=True)
-    folder = make_synthetic(out, n=n, seed=seed, split_name=split_name, image_size=image_size, progress=True)
+    from occbench.data.synthetic import JOINT_NOISE, LIMB_SWING
+    folder = make_synthetic(out, n=n, seed=seed, split_name=split_name, image_size=image_size, progress=True,
+                            limb_swing=LIMB_SWING if limb_swing is None else limb_swing,
+                            joint_noise=JOINT_NOISE if joint_noise is None else joint_noise)
     click.echo(f"synthetic set: {folder}")
 
 

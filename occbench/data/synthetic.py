@@ -31,7 +31,7 @@ import numpy as np
 from occbench.data.crop import DEFAULT_BBOX_FACTOR, bbox_from_keypoints
 from occbench.data.joints import H36M_TO_J14
 
-GENERATOR_VERSION = "occbench-synthetic-1"
+GENERATOR_VERSION = "occbench-synthetic-2"
 DEMO_SEED = 20240611
 DEMO_N = 32
 IMAGE_SIZE = 256
@@ -61,6 +61,15 @@ _BACKGROUND_PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coin
                       "moon", "rocket", "clock", "immunohistochemistry", "hubble_deep_field", "text", "page")
 
 
+# Pose variation of the synthetic sets (recorded in dataset.json): see random_pose.
+LIMB_SWING = 0.45
+JOINT_NOISE = 0.06
+_SWING_SCALE = np.zeros(24)
+_SWING_SCALE[[16, 17]] = 1.0      # shoulders
+_SWING_SCALE[[18, 19]] = 0.7      # elbows
+_SWING_SCALE[[13, 14]] = 0.2      # collars
+
+
 def _rodrigues(aa: np.ndarray) -> np.ndarray:
     from scipy.spatial.transform import Rotation
     return Rotation.from_rotvec(aa).as_matrix()
@@ -71,8 +80,14 @@ def _aa_from_matrix(rot: np.ndarray) -> np.ndarray:
     return Rotation.from_matrix(rot).as_rotvec()
 
 
-def random_pose(rng: np.random.Generator) -> tuple[np.ndarray, str]:
-    """(72,) axis-angle in the camera frame (global orient first) and the base pose's name."""
+def random_pose(rng: np.random.Generator, limb_swing: float = LIMB_SWING,
+                joint_noise: float = JOINT_NOISE) -> tuple[np.ndarray, str]:
+    """(72,) axis-angle in the camera frame (global orient first) and the base pose's name.
+
+    limb_swing: std (rad) of the frontal-plane swing of shoulders, elbows and hips (rotation about the body's
+    forward axis): large and visible, so a hidden limb really is unknown. joint_noise: std (rad) of small
+    rotations of every joint about all three axes (their depth part is barely visible at demo resolution).
+    """
     names = list(_BASE_POSES)
     name = names[rng.integers(len(names))]
     body = np.zeros((24, 3))
@@ -83,10 +98,17 @@ def random_pose(rng: np.random.Generator) -> tuple[np.ndarray, str]:
     mix = rng.uniform(0, 0.3)
     for joint, aa in other.items():
         body[joint] = (1 - mix) * body[joint] + mix * np.asarray(aa)
-    noise = rng.normal(0, 0.12, (24, 3))
+    noise = rng.normal(0, joint_noise, (24, 3))
     noise[[3, 6, 9, 12, 15]] *= 0.5
     noise[[10, 11, 22, 23]] *= 0.3
+    swing = rng.normal(0, limb_swing, 24)
+    # hips only swing outwards (+z abducts the left leg, -z the right); arms up or down, never into the torso
+    noise[:, 2] += swing * _SWING_SCALE
+    noise[1, 2] += abs(swing[1]) * 0.6
+    noise[2, 2] -= abs(swing[2]) * 0.6
     body[1:] += noise[1:]
+    body[16, 2] = max(body[16, 2], -1.3)
+    body[17, 2] = min(body[17, 2], 1.3)
     yaw = np.deg2rad(rng.uniform(-60, 60))
     pitch, roll = np.deg2rad(rng.normal(0, 5, 2))
     # OpenCV camera frame: turn the y-up body upside down about x (so it stands upright with y down) and
@@ -303,10 +325,12 @@ def spin_j24_from_h36m(h36m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def make_synthetic(out_dir, n: int = DEMO_N, seed: int = DEMO_SEED, split_name: str = "synthetic",
                    image_size: int = IMAGE_SIZE, smpl_dir=None, data_dir=None, progress: bool = False,
-                   image_format: str = "jpg") -> Path:
+                   image_format: str = "jpg", limb_swing: float = LIMB_SWING,
+                   joint_noise: float = JOINT_NOISE) -> Path:
     """Render ``n`` samples into ``out_dir`` (created; an existing set there is replaced). Returns out_dir.
 
-    Deterministic in (n, seed, image_size, body model). ``split_name`` is recorded in dataset.json.
+    Deterministic in (n, seed, image_size, body model, limb_swing, joint_noise); the last two set the pose
+    variation (:func:`random_pose`). ``split_name`` is recorded in dataset.json.
     """
     import cv2
     import torch
@@ -339,7 +363,7 @@ def make_synthetic(out_dir, n: int = DEMO_N, seed: int = DEMO_SEED, split_name: 
         chunk = 32
         for lo in range(0, n, chunk):
             m = min(chunk, n - lo)
-            poses, names = zip(*(random_pose(rng) for _ in range(m)))
+            poses, names = zip(*(random_pose(rng, limb_swing, joint_noise) for _ in range(m)))
             poses = np.stack(poses)
             betas = np.clip(rng.normal(0, 0.8, (m, 10)), -2.5, 2.5)
             with torch.no_grad():
@@ -403,7 +427,8 @@ def make_synthetic(out_dir, n: int = DEMO_N, seed: int = DEMO_SEED, split_name: 
     np.savez(out_dir / "annotations.npz", **arrays)
     meta = {
         "name": split_name, "generator": "occbench.data.synthetic", "generator_version": GENERATOR_VERSION,
-        "seed": int(seed), "n": int(n), "image_size": int(image_size), "focal_px": focal,
+        "seed": int(seed), "n": int(n), "pose_variation": {"limb_swing": float(limb_swing),
+                                                            "joint_noise": float(joint_noise)}, "image_size": int(image_size), "focal_px": focal,
         "bbox_factor": DEFAULT_BBOX_FACTOR, "annotations": "annotations.npz", "format": "spin-npz",
         "camera": "OpenCV frame; principal point at image centre", "part_labels": "parts/*.png: 0 background, "
         "1..24 = SMPL part + 1 (occbench.body.vertex_part_labels)",
