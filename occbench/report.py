@@ -164,11 +164,12 @@ def _mesh_section(page, runs, out_dir):
         pooled.append((run, acc.mean()))
     if not pooled:
         return
-    finite = np.concatenate([v[np.isfinite(v)] for _, v in pooled])
-    vmin, vmax = 0.0, float(np.percentile(finite, 99)) if finite.size else 1.0
+    vmin, vmax = _shared_range([v[:, -1] for _, v in pooled])
+    joint_min, joint_max = _shared_range([v[:, :-1] for _, v in pooled])
     viewer_js = resources.files("occbench").joinpath("assets/meshviewer.js").read_text()
     page.script(viewer_js)
-    page.p(f"Colour range for every mesh on this page: {vmin:.0f}-{vmax:.0f} mm.")
+    page.p(f"Colour range of every mean mesh on this page: {vmin:.0f}-{vmax:.0f} mm; of every per-joint mesh "
+           f"file: {joint_min:.0f}-{joint_max:.0f} mm (1st-99th percentiles over all models).")
     for i, (run, values) in enumerate(pooled):
         page.h3(run.label)
         mean_values = values[:, -1]
@@ -180,10 +181,20 @@ def _mesh_section(page, runs, out_dir):
         page.mesh_view(f"mesh{i}", template, body.faces, mean_values, vmin, vmax)
         page.links({Path(p).name: Path(p).relative_to(out_dir).as_posix() for p in files.values()})
         for col, name in enumerate(JOINT_NAMES):
-            export_mesh(template, body.faces, values[:, col], vmin, vmax,
+            export_mesh(template, body.faces, values[:, col], joint_min, joint_max,
                         out_dir / "meshes" / f"sensitivity_{i}_{name}")
         page.p("Per-joint meshes (PLY and GLB) for every joint are in meshes/ beside this page.")
         np.save(out_dir / "meshes" / f"sensitivity_{i}_values.npy", values)
+
+
+def _shared_range(arrays) -> tuple[float, float]:
+    """1st-99th percentile of the finite values of all arrays: one colour range for every model, tight
+    enough that a mean mesh whose values span a few tens of mm still shows where it is sensitive."""
+    finite = np.concatenate([np.asarray(a)[np.isfinite(a)].ravel() for a in arrays])
+    if finite.size == 0:
+        return 0.0, 1.0
+    low, high = (float(x) for x in np.percentile(finite, [1, 99]))
+    return low, max(high, low + 1.0)
 
 
 def _provenance(run: Run) -> dict:

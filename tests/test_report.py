@@ -73,3 +73,13 @@ def test_report_renders_in_headless_chromium(tmp_path):
     subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile2'}", "--window-size=1200,3000",
                     f"--screenshot={shot}", index.as_uri()], capture_output=True, timeout=120)
     assert shot.is_file() and shot.stat().st_size > 10_000
+
+
+def test_mesh_colour_range_is_shared_tight_and_ignores_uncovered_vertices():
+    from occbench.report import _shared_range
+    a = np.concatenate([np.linspace(60, 80, 101), [np.nan] * 5])            # one model's mean mesh
+    b = np.linspace(70, 90, 101)                                             # another model's
+    low, high = _shared_range([a, b])
+    assert 60 < low < 61 and 89 < high < 90                                  # 1st-99th percentile of both
+    assert _shared_range([np.full(4, np.nan)]) == (0.0, 1.0)
+    assert _shared_range([np.full(4, 70.0)]) == (70.0, 71.0)                 # never an empty range
