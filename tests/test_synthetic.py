@@ -117,6 +117,12 @@ def test_stale_demo_cache_is_regenerated(demo_cache):
         folder = ensure_demo()
     assert json.loads((folder / "dataset.json").read_text())["body_model"] == meta["body_model"]
     assert np.array_equal(np.load(folder / "annotations.npz")["S"], ann_before)   # same body -> same set
+    # a set with another pose variation (older defaults) is not the demo set either
+    meta_path.write_text(json.dumps(dict(meta, pose_variation={"limb_swing": 0.0, "joint_noise": 0.12})))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        folder = ensure_demo()
+    assert json.loads((folder / "dataset.json").read_text())["pose_variation"] == meta["pose_variation"]
 
 
 def test_limb_swing_sets_the_spread_of_the_arms_and_keeps_them_out_of_the_torso():

@@ -68,6 +68,7 @@ _SWING_SCALE = np.zeros(24)
 _SWING_SCALE[[16, 17]] = 1.0      # shoulders
 _SWING_SCALE[[18, 19]] = 0.7      # elbows
 _SWING_SCALE[[13, 14]] = 0.2      # collars
+_HIP_SWING_SCALE = 0.6           # hips: outwards only (see random_pose)
 
 
 def _rodrigues(aa: np.ndarray) -> np.ndarray:
@@ -104,8 +105,8 @@ def random_pose(rng: np.random.Generator, limb_swing: float = LIMB_SWING,
     swing = rng.normal(0, limb_swing, 24)
     # hips only swing outwards (+z abducts the left leg, -z the right); arms up or down, never into the torso
     noise[:, 2] += swing * _SWING_SCALE
-    noise[1, 2] += abs(swing[1]) * 0.6
-    noise[2, 2] -= abs(swing[2]) * 0.6
+    noise[1, 2] += abs(swing[1]) * _HIP_SWING_SCALE
+    noise[2, 2] -= abs(swing[2]) * _HIP_SWING_SCALE
     body[1:] += noise[1:]
     body[16, 2] = max(body[16, 2], -1.3)
     body[17, 2] = min(body[17, 2], 1.3)
@@ -450,8 +451,8 @@ def demo_dir() -> Path:
 def ensure_demo(smpl_dir=None, data_dir=None) -> Path:
     """The embedded demo set, generated on first use (a few seconds) into cache_dir()/demo.
 
-    A cached set is regenerated when the generator, the seed, the size or the body model it was rendered with
-    (file hashes) differ from now: its ground truth must come from the body the models are evaluated with."""
+    A cached set is regenerated when the generator, the seed, the size, the pose variation or the body model it
+    was rendered with (file hashes) differ from now: its ground truth must come from the body the models are evaluated with."""
     from occbench.body import load_body_model
 
     folder = demo_dir()
@@ -462,6 +463,7 @@ def ensure_demo(smpl_dir=None, data_dir=None) -> Path:
             body = load_body_model(smpl_dir=smpl_dir, data_dir=data_dir, gender="neutral")
             if (meta.get("generator_version") == GENERATOR_VERSION and meta.get("seed") == DEMO_SEED
                     and meta.get("n") == DEMO_N and (folder / "annotations.npz").is_file()
+                    and meta.get("pose_variation") == {"limb_swing": LIMB_SWING, "joint_noise": JOINT_NOISE}
                     and meta.get("body_model", {}).get("sha256") == body.provenance.get("sha256", {})):
                 return folder
         except (OSError, json.JSONDecodeError):
