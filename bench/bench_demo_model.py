@@ -131,6 +131,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="pare-demo")
     parser.add_argument("--checkpoint", default=None, help="Default: the bundled weights.")
+    parser.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
+                        help="Architecture option the checkpoint was trained with (as for occbench train -o).")
     parser.add_argument("--limit", type=int, default=32, help="Demo samples (32 = all).")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--device", default="cpu")
@@ -144,7 +146,8 @@ def main(argv=None) -> dict:
     from occbench.engine import run_protocol
     from occbench.zoo import load_model
 
-    model = load_model(args.model, checkpoint=args.checkpoint, device=args.device)
+    from occbench.cli.zoo import parse_options
+    model = load_model(args.model, checkpoint=args.checkpoint, device=args.device, **parse_options(args.option))
     dataset = open_dataset("demo")
     n = min(args.limit, len(dataset))
     started = time.time()

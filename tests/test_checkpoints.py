@@ -108,7 +108,8 @@ def test_restricted_reader_never_runs_pickled_code(tmp_path):
     path = tmp_path / "evil.ckpt"
     torch.save({"state_dict": _trained_state(), "epoch": 0, "hyper_parameters": Evil()}, path)
     report = check_checkpoint(Tiny(), path)
-    assert report.ok and report.opaque_objects == ["io.open"]
+    # the pickled global's name: io.open up to Python 3.11, _io.open from 3.12
+    assert report.ok and report.opaque_objects in (["io.open"], ["_io.open"])
     assert not flag.exists()
 
 

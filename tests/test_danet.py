@@ -15,18 +15,16 @@ from occbench.models.danet_modules import SMPL_CHILDREN, SMPL_PARENTS, SMPL_TO_D
 from occbench.rotations import axis_angle_to_rotmat, rotmat_to_rot6d
 
 MANIFEST_NAME = "danet_h36m_itw.tsv"
-SHARED_MANIFESTS = Path("/work/shared/reference/manifests")
 
 
 def manifest_file() -> Path:
-    try:
-        from occbench.checkpoints import manifest_path
-        path = Path(manifest_path(MANIFEST_NAME))
-    except Exception:  # the checkpoints module may not locate manifests in every checkout
-        path = SHARED_MANIFESTS / MANIFEST_NAME
-    if not path.is_file():
-        pytest.fail(f"{path}: the official manifests are missing: put shared/reference/manifests beside the checkout or set OCCBENCH_MANIFESTS")
-    return path
+    from occbench.checkpoints import manifest_path
+
+    path = manifest_path(MANIFEST_NAME)
+    if path is None:
+        pytest.fail(f"{MANIFEST_NAME}: the official manifests are missing: put shared/reference/manifests "
+                    "beside the checkout or set OCCBENCH_MANIFESTS")
+    return Path(path)
 
 
 def manifest_rows() -> list[tuple[str, tuple, str]]:

@@ -9,7 +9,7 @@ import sys
 import click
 
 
-def _parse_options(pairs) -> dict:
+def parse_options(pairs) -> dict:
     """``("backbone=resnet50", "head=3x256")`` -> dict; values are Python literals when they parse as one."""
     options = {}
     for pair in pairs:
@@ -91,7 +91,7 @@ def check_checkpoint(model_name, file, option_pairs, allow_partial, data_dir, as
         entry = get_entry(model_name)
     except KeyError as err:
         raise click.BadParameter(str(err.args[0]), param_hint="--model") from None
-    options = _parse_options(option_pairs)
+    options = parse_options(option_pairs)
     mean_params = None
     if data_dir is not None:
         from occbench.body import load_mean_params
