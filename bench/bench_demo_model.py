@@ -8,7 +8,9 @@
    labels, cropped like the images) vs windows whose centre lies off it; also vs windows that do not touch
    the body at all. Target: on / off >= 1.5. Also, per joint: the error of the joints a window hides (the
    engine's ``occluded`` flag) vs the same joints' clean error, and vs the joints left in view -- where the
-   occlusion's effect concentrates (the mean over 14 joints dilutes it).
+   occlusion's effect concentrates (the mean over 14 joints dilutes it). And by the body region under the
+   window's centre (torso, head, upper arms, forearms and hands, thighs, lower legs and feet): the rise over
+   the clean error, and how much of it lies in the joints the window hides rather than in those left in view.
 3. What the on / off ratio could reach if occlusion only cost information: the same windows with every joint a
    window hides given the error of the constant mean-pose predictor (or its clean error, when larger) and
    every other joint its clean error. A model that fails locally -- PARE's design goal -- cannot pass that
@@ -32,8 +34,16 @@ import pandas as pd
 import torch
 
 
-def silhouettes(dataset, n: int) -> np.ndarray:
-    """(n,224,224) bool body silhouettes of the first n demo samples, from the part-label PNGs."""
+# Body regions over SMPL parts (a vertex belongs to the joint with its largest skinning weight, so part 16 is
+# the upper arm, 18 the forearm, 1 the thigh, 4 the lower leg); part-label value = part + 1, 0 = background.
+REGIONS = {"torso": (0, 3, 6, 9, 13, 14), "head": (12, 15), "upper arms": (16, 17),
+           "forearms and hands": (18, 19, 20, 21, 22, 23), "thighs": (1, 2), "lower legs and feet": (4, 5, 7, 8, 10, 11)}
+REGION_OF_LABEL = {0: "off body", **{part + 1: region for region, parts in REGIONS.items() for part in parts}}
+
+
+def part_labels(dataset, n: int) -> np.ndarray:
+    """(n,224,224) uint8 part labels (0 = background, else SMPL part + 1) of the first n demo samples, cropped
+    like the images, from the part-label PNGs."""
     import cv2
 
     from occbench.data.crop import crop_transform
@@ -42,13 +52,13 @@ def silhouettes(dataset, n: int) -> np.ndarray:
     files = _part_label_files(dataset)
     if files is None:
         raise SystemExit(f"{dataset.name}: no part labels (need a synthetic set)")
-    out = np.zeros((n, 224, 224), bool)
+    out = np.zeros((n, 224, 224), np.uint8)
     for i in range(n):
         labels = cv2.imread(files[i], cv2.IMREAD_UNCHANGED)
         labels = labels[..., 0] if labels.ndim == 3 else labels
         r = dataset.records
         m = crop_transform(r.center[i], float(r.scale[i]), 224)
-        out[i] = cv2.warpAffine(labels, m, (224, 224), flags=cv2.INTER_NEAREST, borderValue=0) > 0
+        out[i] = cv2.warpAffine(labels, m, (224, 224), flags=cv2.INTER_NEAREST, borderValue=0)
     return out
 
 
@@ -74,12 +84,15 @@ def mean_pose_baselines(model, dataset, n: int) -> dict:
     return out
 
 
-def sensitivity(run_dir: Path, input_size: int, masks: np.ndarray,
+def sensitivity(run_dir: Path, input_size: int, labels: np.ndarray,
                 mean_pose_joint_error: np.ndarray | None = None) -> dict:
     """On-body vs off-body window errors from an occsens run's joints.parquet.
 
-    mean_pose_joint_error: (n,14) mm, the constant mean-pose predictor's per-joint error; adds the
-    information-loss ceiling of the on / off ratio (module docstring, item 3)."""
+    labels: (n,224,224) part labels (:func:`part_labels`; 0 = off the body). mean_pose_joint_error: (n,14) mm,
+    the constant mean-pose predictor's per-joint error; adds the information-loss ceiling of the on / off
+    ratio (module docstring, item 3). ``by_region``: windows and their mean error by the body region under
+    the window's centre, and how much of the rise over clean is in the joints the window hides."""
+    masks = labels > 0
     joints = pd.read_parquet(run_dir / "joints.parquet",
                              columns=["sample_index", "window", "joint", "mpjpe", "visible", "occluded", "occ_cx",
                                       "occ_cy", "x0", "y0", "size"])
@@ -96,22 +109,37 @@ def sensitivity(run_dir: Path, input_size: int, masks: np.ndarray,
     else:
         joints["ceiling"] = np.nan
     per = joints.groupby(["sample_index", "window"]).agg(
-        mpjpe=("mpjpe", "mean"), ceiling=("ceiling", "mean"), cx=("occ_cx", "first"), cy=("occ_cy", "first"), x0=("x0", "first"),
-        y0=("y0", "first"), size=("size", "first")).reset_index()
+        mpjpe=("mpjpe", "mean"), ceiling=("ceiling", "mean"), hidden=("occluded", "sum"), cx=("occ_cx", "first"),
+        cy=("occ_cy", "first"), x0=("x0", "first"), y0=("y0", "first"), size=("size", "first")).reset_index()
     clean = per[per["window"] < 0].set_index("sample_index")["mpjpe"]
     per = per[per["window"] >= 0].copy()
     k = 224.0 / input_size            # occ_cx/occ_cy are in the model's input px
-    on_centre, touches = [], []
+    on_centre, touches, region = [], [], []
     for row in per.itertuples():
         mask = masks[int(row.sample_index)]
         cx = int(np.clip(np.floor(row.cx * k), 0, 223))
         cy = int(np.clip(np.floor(row.cy * k), 0, 223))
         on_centre.append(bool(mask[cy, cx]))
+        region.append(REGION_OF_LABEL.get(int(labels[int(row.sample_index), cy, cx]), "other"))
         # x0, y0, size are already in 224 px
         x0, y0 = int(max(0, np.floor(row.x0))), int(max(0, np.floor(row.y0)))
         x1, y1 = int(min(224, np.ceil(row.x0 + row.size))), int(min(224, np.ceil(row.y0 + row.size)))
         touches.append(bool(mask[y0:y1, x0:x1].any()))
-    per["on_body"], per["touches_body"] = on_centre, touches
+    per["on_body"], per["touches_body"], per["region"] = on_centre, touches, region
+    per["rise"] = per["mpjpe"] - clean.loc[per["sample_index"]].to_numpy()
+    joint_rise = windows[["sample_index", "window", "occluded"]].copy()
+    joint_rise["rise"] = windows["mpjpe"].to_numpy() - clean_joint.loc[
+        list(zip(windows["sample_index"], windows["joint"]))].to_numpy()
+    joint_rise = joint_rise.merge(per[["sample_index", "window", "region"]], on=["sample_index", "window"])
+    by_region = {}
+    for name, group in per.groupby("region", sort=False):
+        rises = joint_rise[joint_rise["region"] == name]
+        hidden_share = float(rises.loc[rises["occluded"], "rise"].sum() / rises["rise"].sum()) \
+            if rises["rise"].sum() > 0 else float("nan")
+        by_region[name] = {"windows": int(len(group)), "mpjpe": float(group["mpjpe"].mean()),
+                           "rise_over_clean": float(group["rise"].mean()),
+                           "hidden_joints_per_window": float(group["hidden"].mean()),
+                           "share_of_rise_in_hidden_joints": hidden_share}
     on = per.loc[per["on_body"], "mpjpe"].mean()
     off = per.loc[~per["on_body"], "mpjpe"].mean()
     far = per.loc[~per["touches_body"], "mpjpe"].mean()
@@ -124,7 +152,7 @@ def sensitivity(run_dir: Path, input_size: int, masks: np.ndarray,
             "hidden_joint_clean_mpjpe": float(hidden_clean.mean()),
             "ratio_hidden_vs_clean": float(hidden["mpjpe"].mean() / hidden_clean.mean()),
             "unhidden_joint_mpjpe": float(windows.loc[~windows["occluded"], "mpjpe"].mean()),
-            "ratio_on_off_if_hidden_joints_lost": float(ceiling)}
+            "ratio_on_off_if_hidden_joints_lost": float(ceiling), "by_region": by_region}
 
 
 def main(argv=None) -> dict:
@@ -158,7 +186,7 @@ def main(argv=None) -> dict:
     figures = {"model": args.model, "checkpoint": model.provenance.get("checkpoint"),
                "trained_on": model.provenance.get("trained_on"), "dataset": "demo", "samples": n,
                **baselines,
-               **sensitivity(Path(run_dir), int(model.input_size), silhouettes(dataset, n), per_joint_const),
+               **sensitivity(Path(run_dir), int(model.input_size), part_labels(dataset, n), per_joint_const),
                "seconds": round(time.time() - started, 1), "run_dir": str(run_dir)}
     figures["clean_vs_mean_pose"] = figures["clean_mpjpe"] / figures["mean_gt_pose_mpjpe"]
     print(f"demo model {args.model} ({figures['trained_on']})")
@@ -177,6 +205,12 @@ def main(argv=None) -> dict:
           f"({figures['hidden_joints']} joint-windows); joints left in view {figures['unhidden_joint_mpjpe']:.1f} mm")
     print(f"  if every hidden joint lost all information (mean-pose error) and nothing else changed: on / off "
           f"{figures['ratio_on_off_if_hidden_joints_lost']:.2f}")
+    print("  by the body region under the window's centre (rise = window error - the sample's clean error;"
+          " hidden share = part of the rise in the joints the window hides):")
+    for name, row in sorted(figures["by_region"].items(), key=lambda kv: -kv[1]["windows"]):
+        print(f"    {name:<20} {row['windows']:>6} windows  {row['mpjpe']:6.1f} mm  rise {row['rise_over_clean']:5.1f} mm"
+              f"  hidden joints {row['hidden_joints_per_window']:.2f}/window  hidden share"
+              f" {row['share_of_rise_in_hidden_joints']:.2f}")
     print(f"  {figures['seconds']} s; run directory {run_dir}")
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(figures, indent=2) + "\n")

@@ -28,9 +28,9 @@ def test_on_off_ratio_hidden_joints_and_the_information_loss_ceiling(bench, tmp_
                          "visible": True, "occluded": window == 0 and joint < 2, "occ_cx": cx, "occ_cy": cx,
                          "x0": cx - 20, "y0": cx - 20, "size": 40.0})
     pd.DataFrame(rows).to_parquet(tmp_path / "joints.parquet")
-    masks = np.zeros((1, 224, 224), bool)
-    masks[0, 40:60, 40:60] = True
-    figures = bench.sensitivity(tmp_path, 224, masks, mean_pose_joint_error=np.full((1, 14), 50.0))
+    labels = np.zeros((1, 224, 224), np.uint8)
+    labels[0, 40:60, 40:60] = 19                        # SMPL part 18 (left forearm) + 1
+    figures = bench.sensitivity(tmp_path, 224, labels, mean_pose_joint_error=np.full((1, 14), 50.0))
     on, off = (2 * 110 + 12 * 10) / 14, 10.0
     assert figures["windows_on_body"] == 1 and figures["windows_clear_of_body"] == 1
     assert figures["on_body_mpjpe"] == pytest.approx(on) and figures["off_body_mpjpe"] == pytest.approx(off)
@@ -38,3 +38,9 @@ def test_on_off_ratio_hidden_joints_and_the_information_loss_ceiling(bench, tmp_
     assert figures["hidden_joints"] == 2 and figures["ratio_hidden_vs_clean"] == pytest.approx(11.0)
     # the ceiling gives the hidden joints the mean-pose error (50 mm), every other joint its clean error
     assert figures["ratio_on_off_if_hidden_joints_lost"] == pytest.approx((2 * 50 + 12 * 10) / 14 / 10)
+    # by region: the on-body window lies on a forearm, and all of its rise is in the two joints it hides
+    forearm = figures["by_region"]["forearms and hands"]
+    assert forearm["windows"] == 1 and forearm["hidden_joints_per_window"] == 2
+    assert forearm["rise_over_clean"] == pytest.approx(on - 10.0)
+    assert forearm["share_of_rise_in_hidden_joints"] == pytest.approx(1.0)
+    assert figures["by_region"]["off body"]["rise_over_clean"] == pytest.approx(0.0)
