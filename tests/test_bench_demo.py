@@ -38,9 +38,22 @@ def test_on_off_ratio_hidden_joints_and_the_information_loss_ceiling(bench, tmp_
     assert figures["hidden_joints"] == 2 and figures["ratio_hidden_vs_clean"] == pytest.approx(11.0)
     # the ceiling gives the hidden joints the mean-pose error (50 mm), every other joint its clean error
     assert figures["ratio_on_off_if_hidden_joints_lost"] == pytest.approx((2 * 50 + 12 * 10) / 14 / 10)
+    # a model failing only locally: on / off = (2 * max(50, c) + 12 c) / 14 / c = 1.5 at c = 100 / 9 mm
+    assert figures["clean_error_for_1_5_if_failing_locally"] == pytest.approx(100 / 9, rel=1e-6)
     # by region: the on-body window lies on a forearm, and all of its rise is in the two joints it hides
     forearm = figures["by_region"]["forearms and hands"]
     assert forearm["windows"] == 1 and forearm["hidden_joints_per_window"] == 2
     assert forearm["rise_over_clean"] == pytest.approx(on - 10.0)
     assert forearm["share_of_rise_in_hidden_joints"] == pytest.approx(1.0)
     assert figures["by_region"]["off body"]["rise_over_clean"] == pytest.approx(0.0)
+
+
+def test_clean_error_for_local_ratio_is_nan_when_out_of_reach(bench):
+    # the on-body window hides nothing: no clean error makes a locally failing model reach 1.5
+    window_of_row = np.repeat([0, 1], 14)
+    hidden = np.zeros(28, bool)
+    value = bench.clean_error_for_local_ratio(window_of_row, np.array([True, False]), hidden, np.full(28, 80.0))
+    assert np.isnan(value)
+    hidden[:3] = True                                   # 3 of 14 joints lost at 80 mm: (240 + 11 c) / 14 = 1.5 c
+    value = bench.clean_error_for_local_ratio(window_of_row, np.array([True, False]), hidden, np.full(28, 80.0))
+    assert value == pytest.approx(240 / 10, rel=1e-6)
