@@ -35,6 +35,8 @@ def test_on_off_ratio_hidden_joints_and_the_information_loss_ceiling(bench, tmp_
     assert figures["windows_on_body"] == 1 and figures["windows_clear_of_body"] == 1
     assert figures["on_body_mpjpe"] == pytest.approx(on) and figures["off_body_mpjpe"] == pytest.approx(off)
     assert figures["ratio_on_off"] == pytest.approx(on / off)
+    assert figures["on_body_rise"] == pytest.approx(on - 10.0) and figures["off_body_rise"] == pytest.approx(0.0)
+    assert figures["ratio_rise_on_off"] == float("inf")
     assert figures["hidden_joints"] == 2 and figures["ratio_hidden_vs_clean"] == pytest.approx(11.0)
     # the ceiling gives the hidden joints the mean-pose error (50 mm), every other joint its clean error
     assert figures["ratio_on_off_if_hidden_joints_lost"] == pytest.approx((2 * 50 + 12 * 10) / 14 / 10)
