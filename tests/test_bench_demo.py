@@ -59,3 +59,13 @@ def test_clean_error_for_local_ratio_is_nan_when_out_of_reach(bench):
     hidden[:3] = True                                   # 3 of 14 joints lost at 80 mm: (240 + 11 c) / 14 = 1.5 c
     value = bench.clean_error_for_local_ratio(window_of_row, np.array([True, False]), hidden, np.full(28, 80.0))
     assert value == pytest.approx(240 / 10, rel=1e-6)
+
+
+def test_worst_window_vs_clean_reads_the_headline_and_published_ratios_are_sane(bench, tmp_path):
+    (tmp_path / "metrics.json").write_text('{"headline": {"mpjpe": 150.0, "clean_mpjpe": 60.0}}')
+    figures = bench.worst_window_vs_clean(tmp_path)
+    assert figures["advocc40_worst_vs_clean"] == pytest.approx(2.5)
+    # 3DNBF Table 1: every official model is worse at its worst 40 px window than clean, 3DNBF the least
+    ratios = {name: occ / clean for name, (clean, occ) in bench.PUBLISHED_ADVOCC40.items()}
+    assert min(ratios, key=ratios.get) == "3DNBF" and max(ratios, key=ratios.get) == "SPIN"
+    assert ratios["PARE"] == pytest.approx(126.5 / 81.4)
