@@ -63,6 +63,11 @@ class ZooModel(nn.Module):
         super().__init__()
         self.__dict__["body_model"] = None  # kept out of state_dict() and named_modules()
 
+    def save_checkpoint(self, path, **meta) -> None:
+        """Write ``{'model': state_dict, 'occbench': {'model': name, **meta}}``, which ``load_model`` reads
+        strictly (for the models without an official layout: BoPR, HKMR)."""
+        torch.save({"model": self.state_dict(), "occbench": {"model": self.name, **meta}}, path)
+
     def attach_body_model(self, body_model) -> "ZooModel":
         self.__dict__["body_model"] = body_model
         return self

@@ -216,9 +216,8 @@ class BoPR(ZooModel):
         return rotmat, betas, cam, extras
 
     def save_checkpoint(self, path, **meta) -> None:
-        """Write ``{'model': state_dict, 'occbench': {model, backbone, ...meta}}``."""
-        torch.save({"model": self.state_dict(),
-                    "occbench": {"model": self.name, "backbone": self.backbone_name, **meta}}, path)
+        """:meth:`ZooModel.save_checkpoint` with the backbone recorded."""
+        super().save_checkpoint(path, backbone=self.backbone_name, **meta)
 
 
 def _mean(mean_params: dict, key: str, size: int) -> torch.Tensor:

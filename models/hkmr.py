@@ -183,10 +183,6 @@ class HKMR(ZooModel):
         chain_ordered = torch.cat([thetas[name] for name, _ in CHAINS], -1).view(-1, 24, 3)
         return chain_ordered[:, self._smpl_order].reshape(-1, 72)
 
-    def save_checkpoint(self, path, **meta) -> None:
-        """Write ``{'model': state_dict, 'occbench': {model, ...meta}}``."""
-        torch.save({"model": self.state_dict(), "occbench": {"model": self.name, **meta}}, path)
-
 
 def rot6d_to_axis_angle(x: torch.Tensor) -> torch.Tensor:
     """(N,6) 6D rotations (SPIN convention) -> (N,3) axis-angle."""
