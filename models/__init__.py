@@ -21,7 +21,7 @@ class ModelEntry:
     checkpoint_format: str = ""       # "lightning" | "model-dict" | "mmcv" | "occbench"
     strip_prefixes: tuple = ()        # prefixes removed from the checkpoint keys
     known_unused: tuple = ()          # regexes of stored keys that inference does not use
-    manifest: str = ""                # official layout file in shared/reference/manifests
+    manifest: str = ""                # official layout file in models/manifests
     paper: str = ""
     license: str = ""
 

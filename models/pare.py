@@ -41,7 +41,7 @@ SMPL_FEATURES = 64
 BN_MOMENTUM = 0.1
 HEADS = {"2x128": (2, 128), "3x256": (3, 256)}
 BACKBONES = ("hrnet_w32", "resnet50", "resnet18")
-# official layout file of each configuration (shared/reference/manifests)
+# official layout file of each configuration (models/manifests)
 MANIFESTS = {("hrnet_w32", "2x128"): "pare_hrnet_w32.tsv", ("resnet50", "2x128"): "pare_resnet50.tsv",
              ("resnet50", "3x256"): "pare_resnet50_3x256.tsv"}
 

@@ -4,7 +4,7 @@ The official loaders (PARE, SPIN, DaNet, 3DNBF) all use ``strict=False``, so a f
 code loads silently with random weights. occbench instead compares every key and shape against the model,
 names each difference, and refuses to run on a mismatch unless the user passes ``--allow-partial``.
 
-Containers (``read_state_dict`` detects them; REFERENCE.md 7 and shared/reference/manifests/README.md):
+Containers (``read_state_dict`` detects them; REFERENCE.md 7 and models/manifests/README.md):
 
 - ``lightning``: PyTorch Lightning ``.ckpt`` (PARE): ``ckpt['state_dict']`` plus trainer fields.
 - ``mmcv``: mmcv/mmhuman3d ``.pth`` (3DNBF): ``ckpt['state_dict']`` plus ``ckpt['meta']``.
@@ -18,14 +18,14 @@ hyper-parameters and meta data (argparse/yacs/numpy objects) that this refuses. 
 is replaced by an inert placeholder (no code from the file runs, and the packages that wrote it need not be
 installed). Those placeholder names are listed in the report (``opaque_objects``) and logged.
 
-Test helpers at the end of the module build state dicts from the official layout manifests and write them
-in the official containers, so that model ports can be tested against the real key layout without the
-(licensed) checkpoint files.
+The official layouts (key names, shapes and dtypes of each released checkpoint) ship in
+``models/manifests/``: :func:`manifest_path` and :func:`read_manifest` read them.
 """
 from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.util
 import io
 import logging
 import os
@@ -404,23 +404,46 @@ def load_checkpoint_into(model: torch.nn.Module, path, strip_prefixes=(), known_
     return report
 
 
-# ------------------------------------------------------------------------------------ test helpers
+# ----------------------------------------------------------------------------------- writing a file
 
-def manifest_path(name: str) -> Path | None:
-    """Path of an official layout manifest (e.g. ``"spin_hmr.tsv"``), or None when none is found.
+def container_object(state_dict: dict, container: str = "plain", prefix: str = "") -> dict:
+    """``state_dict`` (keys prefixed with ``prefix``) wrapped in one of the containers that
+    :func:`read_state_dict` recognises: lightning ``{'state_dict', 'pytorch-lightning_version', ...}``,
+    mmcv ``{'meta', 'state_dict'}``, model-dict ``{'model'}``, or plain (the bare dict)."""
+    state = OrderedDict((prefix + key, value) for key, value in state_dict.items())
+    if container == "lightning":
+        return {"epoch": 0, "global_step": 0, "pytorch-lightning_version": "1.1.8", "state_dict": state,
+                "callbacks": {}, "optimizer_states": [], "lr_schedulers": []}
+    if container == "mmcv":
+        return {"meta": {"mmcv_version": "1.3.17"}, "state_dict": state}
+    if container == "model-dict":
+        return {"model": state}
+    if container == "plain":
+        return state
+    raise ValueError(f"unknown container {container!r}; valid: lightning, mmcv, model-dict, plain")
 
-    Looks in $OCCBENCH_MANIFESTS, then ``<repo root>/../shared/reference/manifests`` (the layout of the
-    development checkout and CI, where shared/ sits beside the clone).
-    """
-    folders = []
-    if os.environ.get("OCCBENCH_MANIFESTS"):
-        folders.append(Path(os.environ["OCCBENCH_MANIFESTS"]).expanduser())
-    repo_root = Path(__file__).resolve().parents[1]
-    folders.append(repo_root.parent / "shared" / "reference" / "manifests")
-    for folder in folders:
-        if (folder / name).is_file():
-            return folder / name
-    return None
+
+def save_state_dict(state_dict: dict, path, container: str = "plain", prefix: str = "") -> Path:
+    """Write ``state_dict`` in ``container`` (see :func:`container_object`) to ``path``."""
+    torch.save(container_object(state_dict, container, prefix), path)
+    return Path(path)
+
+
+# -------------------------------------------------------------------------------- official layouts
+
+def manifest_dir() -> Path:
+    """``models/manifests/`` (installed as ``occbench/models/manifests/``)."""
+    spec = importlib.util.find_spec("occbench.models")
+    return Path(next(iter(spec.submodule_search_locations))) / "manifests"
+
+
+def manifest_path(name: str) -> Path:
+    """Path of a checkpoint layout manifest shipped with occbench (e.g. ``"spin_hmr.tsv"``)."""
+    path = manifest_dir() / name
+    if not path.is_file():
+        known = ", ".join(sorted(p.name for p in manifest_dir().glob("*.tsv")))
+        raise MissingAssetError(f"manifest {name!r} is not in {manifest_dir()}; the manifests there are: {known}")
+    return path
 
 
 def read_manifest(tsv: str | os.PathLike) -> list[tuple[str, tuple, str]]:
@@ -443,69 +466,3 @@ def read_manifest(tsv: str | os.PathLike) -> list[tuple[str, tuple, str]]:
             raise UserError(f"manifest {tsv} line {number}: expected key<TAB>(shape)<TAB>dtype ({err})") from err
         rows.append((key, shape, dtype))
     return rows
-
-
-def model_layout_from_manifest(tsv, strip_prefixes=(), known_unused=()) -> list[tuple[str, tuple, str]]:
-    """The (key, shape, dtype) rows a zoo model's own ``state_dict()`` must have for this manifest: keys
-    stripped of the container prefixes, known-unused keys removed (both as in :func:`load_checkpoint_into`)."""
-    patterns = [re.compile(p) for p in known_unused]
-    rows = []
-    for key, shape, dtype in read_manifest(tsv):
-        name, _ = _strip(key, strip_prefixes)
-        if not any(p.search(key) or p.search(name) for p in patterns):
-            rows.append((name, shape, dtype))
-    return rows
-
-
-def random_state_dict_from_manifest(tsv, seed: int = 0, strip_prefix: str = "") -> "OrderedDict[str, torch.Tensor]":
-    """A state dict with exactly the manifest's keys, shapes and dtypes, filled deterministically:
-    floating tensors ~ N(0, 0.02^2), integer tensors small non-negative ints (0..9), bool tensors False;
-    BatchNorm ``running_var`` = |N(0, 0.02^2)| + 0.5, so a forward pass with these weights stays finite.
-    ``strip_prefix`` is removed from the keys that start with it."""
-    generator = torch.Generator().manual_seed(seed)
-    state = OrderedDict()
-    for key, shape, dtype_name in read_manifest(tsv):
-        dtype = getattr(torch, dtype_name)
-        if dtype.is_floating_point:
-            value = (torch.randn(shape, generator=generator) * 0.02).to(dtype)
-            if key.endswith("running_var"):
-                value = value.abs() + 0.5
-        elif dtype == torch.bool:
-            value = torch.zeros(shape, dtype=torch.bool)
-        else:
-            value = torch.randint(0, 10, shape, generator=generator).to(dtype)
-        if strip_prefix and key.startswith(strip_prefix):
-            key = key[len(strip_prefix):]
-        state[key] = value
-    return state
-
-
-def save_in_official_container(state_dict: dict, path, container: str = "plain", prefix: str = "") -> Path:
-    """Write ``state_dict`` (keys prefixed with ``prefix``) the way the official code saves it.
-
-    lightning: Lightning trainer fields + argparse hyper-parameters (not loadable with weights_only, as
-    real .ckpt files); mmcv: ``{'meta': ..., 'state_dict': ..., 'optimizer': ...}`` with numpy values in
-    meta; model-dict: ``{'model': ..., 'optimizer': {}, 'epoch': ...}``; plain: the bare dict.
-    """
-    import argparse
-
-    import numpy as np
-
-    state = OrderedDict((prefix + key, value) for key, value in state_dict.items())
-    if container == "lightning":
-        obj = {"epoch": 0, "global_step": 0, "pytorch-lightning_version": "1.1.8", "state_dict": state,
-               "callbacks": {}, "optimizer_states": [], "lr_schedulers": [],
-               "hparams_name": "hparams", "hyper_parameters": argparse.Namespace(lr=5e-5, backbone="test")}
-    elif container == "mmcv":
-        obj = {"meta": {"mmcv_version": "1.3.17", "epoch": 1, "iter": 10, "time": "Thu Jan  1 00:00:00 2023",
-                        "hook_msgs": {"best_score": np.float64(0.5)}, "config": "model = dict()"},
-               "state_dict": state, "optimizer": {"state": {}, "param_groups": []}}
-    elif container == "model-dict":
-        obj = {"model": state, "optimizer": {}, "epoch": 0, "batch_idx": 0, "total_step_count": 0}
-    elif container == "plain":
-        obj = state
-    else:
-        raise ValueError(f"unknown container {container!r}; valid: lightning, mmcv, model-dict, plain")
-    path = Path(path)
-    torch.save(obj, path)
-    return path

@@ -539,7 +539,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
 
 def write_checkpoint(model, entry, path: Path, half: bool = False, step: int = 0) -> Path:
     """The model's state dict in its zoo entry's container (what load_model reads strictly)."""
-    from occbench.checkpoints import save_in_official_container
+    from occbench.checkpoints import save_state_dict
 
     state = {k: (v.detach().cpu().half() if half and v.is_floating_point() else v.detach().cpu())
              for k, v in model.state_dict().items()}
@@ -547,7 +547,7 @@ def write_checkpoint(model, entry, path: Path, half: bool = False, step: int = 0
     if container == "model-dict":
         torch.save({"model": state, "step": step}, path)
         return path
-    return save_in_official_container(state, path, container=container, prefix=prefix)
+    return save_state_dict(state, path, container=container, prefix=prefix)
 
 
 def _summary(history: list) -> dict:

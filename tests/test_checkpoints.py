@@ -7,9 +7,9 @@ import pytest
 import torch
 from torch import nn
 
-from occbench.checkpoints import (CONTAINERS, check_checkpoint, load_checkpoint_into, manifest_path,
-                                  model_layout_from_manifest, random_state_dict_from_manifest,
-                                  read_manifest, read_state_dict, save_in_official_container)
+from helpers import model_layout_from_manifest, random_state_dict_from_manifest, save_in_official_container
+from occbench.checkpoints import (CONTAINERS, check_checkpoint, load_checkpoint_into, manifest_path, read_manifest,
+                                  read_state_dict)
 from occbench.errors import UserError
 
 
@@ -219,31 +219,25 @@ def test_sha256_is_streamed_file_hash(tmp_path):
     assert report.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-# ------------------------------------------------------------------------- manifests (shared/ in CI)
-
-def _manifest(name):
-    path = manifest_path(name)
-    assert path is not None, (f"{name} not found: occbench looks in $OCCBENCH_MANIFESTS and "
-                              f"<repo>/../shared/reference/manifests")
-    return path
+# ------------------------------------------------------------------------ manifests (models/manifests)
 
 
 def test_read_manifest_matches_the_readme_counts():
     # README: SPIN 331 entries, 27.0M values; PARE 1946 entries, 32.9M in the network (`model.` minus SMPL)
-    rows = read_manifest(_manifest("spin_hmr.tsv"))
+    rows = read_manifest(manifest_path("spin_hmr.tsv"))
     assert len(rows) == 331
     assert abs(sum(torch.Size(shape).numel() for _, shape, _ in rows) - 27.0e6) < 0.05e6
-    rows = read_manifest(_manifest("pare_hrnet_w32.tsv"))
+    rows = read_manifest(manifest_path("pare_hrnet_w32.tsv"))
     assert len(rows) == 1946
     network = [s for k, s, _ in rows if k.startswith("model.") and not k.startswith("model.smpl.")]
     assert abs(sum(torch.Size(shape).numel() for shape in network) - 32.9e6) < 0.05e6
-    rows = read_manifest(_manifest("3dnbf_r50.tsv"))
+    rows = read_manifest(manifest_path("3dnbf_r50.tsv"))
     assert ("feature_bank.accumulate_num", (858,), "int64") in rows
     assert all(dtype in ("float32", "int64") for _, _, dtype in rows)
 
 
 def test_random_state_dict_from_manifest_is_exact_and_deterministic(tmp_path):
-    tsv = _manifest("spin_hmr.tsv")
+    tsv = manifest_path("spin_hmr.tsv")
     rows = read_manifest(tsv)
     a = random_state_dict_from_manifest(tsv, seed=0)
     assert [(k, tuple(v.shape), str(v.dtype)[6:]) for k, v in a.items()] == rows
@@ -266,7 +260,7 @@ def test_random_state_dict_from_manifest_is_exact_and_deterministic(tmp_path):
 
 
 def test_model_layout_from_manifest_strips_prefixes_and_known_unused():
-    tsv = _manifest("pare_hrnet_w32.tsv")
+    tsv = manifest_path("pare_hrnet_w32.tsv")
     from occbench.models import get_entry
     entry = get_entry("pare")
     layout = model_layout_from_manifest(tsv, entry.strip_prefixes, entry.known_unused)

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 from torch import nn
 
 import occbench.models
-from occbench.checkpoints import save_in_official_container
+from helpers import save_in_official_container
 from occbench.cli import cli, main
 from occbench.models import get_entry, model_names
 

@@ -3,12 +3,13 @@ state-dict layout, prediction shapes, the 6D layout of the mean pose, and loadin
 danet_model_h36m_itw.pt through occbench.zoo.load_model."""
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from helpers import random_state_dict_from_manifest, save_in_official_container
+from occbench.checkpoints import manifest_path, read_manifest
 from occbench.models import get_entry
 from occbench.models import danet
 from occbench.models.danet_modules import SMPL_CHILDREN, SMPL_PARENTS, SMPL_TO_DENSEPOSE_PARTS, graph_buffers
@@ -17,22 +18,8 @@ from occbench.rotations import axis_angle_to_rotmat, rotmat_to_rot6d
 MANIFEST_NAME = "danet_h36m_itw.tsv"
 
 
-def manifest_file() -> Path:
-    from occbench.checkpoints import manifest_path
-
-    path = manifest_path(MANIFEST_NAME)
-    if path is None:
-        pytest.fail(f"{MANIFEST_NAME}: the official manifests are missing: put shared/reference/manifests "
-                    "beside the checkout or set OCCBENCH_MANIFESTS")
-    return Path(path)
-
-
 def manifest_rows() -> list[tuple[str, tuple, str]]:
-    rows = []
-    for line in manifest_file().read_text().splitlines():
-        key, shape, dtype = line.split("\t")
-        rows.append((key, tuple(int(s) for s in re.findall(r"\d+", shape)), dtype))
-    return rows
+    return read_manifest(manifest_path(MANIFEST_NAME))
 
 
 def is_known_unused(key: str) -> bool:
@@ -255,19 +242,11 @@ def test_mean_params_fill_the_buffers(model):
 # ------------------------------------------------------------------------------------- checkpoints
 @pytest.fixture(scope="module")
 def official_state() -> dict:
-    """A random state dict with exactly the keys, shapes and dtypes of danet_model_h36m_itw.pt.
-
-    BatchNorm running variances are made positive (|x| + 0.5) so that the forward pass is meaningful."""
-    from occbench.checkpoints import random_state_dict_from_manifest
-    state = random_state_dict_from_manifest(manifest_file(), seed=7)
-    for key, value in state.items():
-        if key.endswith("running_var"):
-            state[key] = value.abs() + 0.5
-    return state
+    """A random state dict with exactly the keys, shapes and dtypes of danet_model_h36m_itw.pt."""
+    return random_state_dict_from_manifest(manifest_path(MANIFEST_NAME), seed=7)
 
 
 def test_official_container_loads_strictly_through_load_model(tmp_path, official_state):
-    from occbench.checkpoints import save_in_official_container
     from occbench.zoo import load_model
 
     state = official_state
@@ -295,7 +274,7 @@ def test_official_container_loads_strictly_through_load_model(tmp_path, official
 
 
 def test_a_checkpoint_missing_a_used_key_is_refused_by_name(tmp_path, official_state, model):
-    from occbench.checkpoints import load_checkpoint_into, save_in_official_container
+    from occbench.checkpoints import load_checkpoint_into
     from occbench.errors import UserError
 
     state = dict(official_state)

@@ -272,8 +272,8 @@ def test_resume_after_kill_is_identical(tmp_path):
 
 
 def test_voc_objects_end_to_end(model, tmp_path):
-    from test_occluders import _fake_voc
-    _fake_voc(tmp_path / "voc")
+    from helpers import fake_voc
+    fake_voc(tmp_path / "voc")
     run = run_protocol(model, TinyDataset(2), "voc-objects", tmp_path / "run", voc_root=tmp_path / "voc",
                        batch_size=4, memory_format="contiguous", quiet=True, protocol_overrides={"copies": 3})
     joints = read(run, "joints")

@@ -2,20 +2,14 @@
 import pytest
 import torch
 
+from helpers import mean_params
 from occbench.models import hkmr
-from occbench.rotations import axis_angle_to_rotmat, rotmat_to_rot6d
+from occbench.rotations import axis_angle_to_rotmat
 
 PAPER_PARAMETERS = 26.2e6
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-def mean_params(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    rot = axis_angle_to_rotmat(0.2 * torch.randn(24, 3, generator=g))
-    return {"pose": rotmat_to_rot6d(rot).reshape(144), "shape": 0.1 * torch.randn(10, generator=g),
-            "cam": torch.tensor([0.9, 0.01, -0.02])}
 
 
 @pytest.fixture(scope="module")

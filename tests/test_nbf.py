@@ -7,7 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from helpers import model_layout_from_manifest, random_state_dict_from_manifest, save_in_official_container
 from occbench.body import load_body_model, load_mean_params
+from occbench.checkpoints import manifest_path
 from occbench.camera import weak_perspective_to_translation
 from occbench.models import get_entry
 from occbench.models import nbf_fit as NF
@@ -25,27 +27,14 @@ def body():
 
 @pytest.fixture(scope="module")
 def random_state():
-    from occbench.checkpoints import random_state_dict_from_manifest
-    state = random_state_dict_from_manifest(_manifest(), seed=1)
-    for key in state:
-        if key.endswith("running_var"):
-            state[key] = state[key].abs() + 1.0                             # valid BatchNorm statistics
-    return state
-
-
-def _manifest():
-    from occbench.checkpoints import manifest_path
-    path = manifest_path("3dnbf_r50.tsv")
-    assert path is not None, "shared/reference/manifests/3dnbf_r50.tsv not found"
-    return path
+    return random_state_dict_from_manifest(manifest_path("3dnbf_r50.tsv"), seed=1)
 
 
 # ------------------------------------------------------------------------------------------ regressor
 
 def test_state_dict_matches_official_manifest():
-    from occbench.checkpoints import model_layout_from_manifest
     entry = get_entry("3dnbf-reg")
-    expected = model_layout_from_manifest(_manifest(), entry.strip_prefixes, entry.known_unused)
+    expected = model_layout_from_manifest(manifest_path("3dnbf_r50.tsv"), entry.strip_prefixes, entry.known_unused)
     model = build_regressor(load_mean_params())
     state = model.state_dict()
     assert [k for k, _, _ in expected] == list(state)                       # same keys, same order
@@ -57,7 +46,6 @@ def test_state_dict_matches_official_manifest():
 
 
 def test_mmcv_checkpoint_loads_strictly_and_predicts(tmp_path, random_state):
-    from occbench.checkpoints import save_in_official_container
     from occbench.zoo import load_model
     state = random_state
     path = save_in_official_container(state, tmp_path / "3dnbf_r50.pth", container="mmcv")
@@ -78,7 +66,6 @@ def test_mmcv_checkpoint_loads_strictly_and_predicts(tmp_path, random_state):
 
 
 def test_missing_key_is_reported(tmp_path, random_state):
-    from occbench.checkpoints import save_in_official_container
     from occbench.errors import UserError
     from occbench.zoo import load_model
     state = {k: v for k, v in random_state.items() if k != "feature_bank.memory"}

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import fake_voc
 from occbench import occluders as occ
 from occbench.protocol import load_protocol
 
@@ -147,25 +148,8 @@ def test_hkmr_geometry_scales_with_input_size():
     assert table["occ_hw"][0] == 57 and table["occ_cx"][0] == pytest.approx(160.0)
 
 
-def _fake_voc(root):
-    from PIL import Image
-    for sub in ("JPEGImages", "Annotations", "SegmentationObject"):
-        (root / sub).mkdir(parents=True)
-    Image.fromarray(np.full((100, 120, 3), 200, np.uint8)).save(root / "JPEGImages" / "a.jpg")
-    labels = np.zeros((100, 120), np.uint8)
-    yy, xx = np.mgrid[:100, :120]
-    labels[(yy - 30) ** 2 + (xx - 30) ** 2 <= 20 ** 2] = 1      # a round chair in box (5, 5, 55, 55): kept
-    labels[60:90, 60:110] = 2         # a person (excluded)
-    Image.fromarray(labels).save(root / "SegmentationObject" / "a.png")
-    objects = "".join(
-        f"<object><name>{name}</name><difficult>0</difficult><truncated>0</truncated><bndbox><xmin>{x0}</xmin>"
-        f"<ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
-        for name, (x0, y0, x1, y1) in (("chair", (5, 5, 55, 55)), ("person", (60, 60, 110, 90))))
-    (root / "Annotations" / "a.xml").write_text(f"<annotation>{objects}</annotation>")
-
-
 def test_voc_objects_from_a_voc_folder(tmp_path):
-    _fake_voc(tmp_path / "VOC2012")
+    fake_voc(tmp_path / "VOC2012")
     voc = occ.VocOccluders.open(tmp_path)
     assert len(voc.objects) == 1 and voc.objects[0].shape == (25, 25, 4)      # stored at 0.5x
     alpha = voc.objects[0][..., 3]

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from occbench.checkpoints import (check_checkpoint, manifest_path, model_layout_from_manifest, random_state_dict_from_manifest,
-                                  save_in_official_container)
+from helpers import model_layout_from_manifest, random_state_dict_from_manifest, save_in_official_container
+from occbench.checkpoints import check_checkpoint, manifest_path
 from occbench.errors import UserError
 from occbench.models import build_model, get_entry
 from occbench.models.pare import LocallyConnected2d, PareHead, attention_pool, part_attention
@@ -19,27 +19,11 @@ MEAN = {"pose": np.tile(np.array([1, 0, 0, 1, 0, 0], np.float32), 24),
         "shape": np.full(10, 0.5, np.float32), "cam": np.array([0.9, 0.0, 0.0], np.float32)}
 
 
-def manifest(name):
-    path = manifest_path(name)
-    if path is None:
-        pytest.fail(f"{name}: the official manifests are missing: put shared/reference/manifests beside the checkout or set OCCBENCH_MANIFESTS")
-    return path
-
-
-def usable_random_state(tsv, seed=0):
-    """Manifest-shaped random tensors with positive BatchNorm variances (N(0, 0.02^2) would give NaNs)."""
-    state = random_state_dict_from_manifest(tsv, seed=seed)
-    for key, value in state.items():
-        if key.endswith("running_var"):
-            state[key] = value.abs() + 1.0
-    return state
-
-
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_state_dict_equals_manifest_minus_known_unused(name):
     entry = get_entry("pare")
     options, _ = CONFIGS[name]
-    expected = model_layout_from_manifest(manifest(name), entry.strip_prefixes, entry.known_unused)
+    expected = model_layout_from_manifest(manifest_path(name), entry.strip_prefixes, entry.known_unused)
     model = build_model("pare", mean_params=MEAN, **options)
     got = [(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in model.state_dict().items()]
     assert got == expected
@@ -49,9 +33,9 @@ def test_state_dict_equals_manifest_minus_known_unused(name):
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_loads_lightning_checkpoint_strictly(tmp_path, name):
     options, size = CONFIGS[name]
-    tsv = manifest(name)
+    tsv = manifest_path(name)
     # the manifest keys already carry the Lightning layout: `model.` network keys + trainer-level buffers
-    state = usable_random_state(tsv, seed=2)
+    state = random_state_dict_from_manifest(tsv, seed=2)
     path = save_in_official_container(state, tmp_path / "pare_checkpoint.ckpt", container="lightning")
     model = load_model("pare", checkpoint=path, weights="checkpoint", device="cpu", **options)
     report = model.provenance["checkpoint_report"]
@@ -76,7 +60,7 @@ def test_loads_lightning_checkpoint_strictly(tmp_path, name):
 
 
 def test_corrupted_and_mismatched_files_are_reported(tmp_path):
-    state = usable_random_state(manifest("pare_resnet50.tsv"))
+    state = random_state_dict_from_manifest(manifest_path("pare_resnet50.tsv"))
     state["model.head.cam_mlp.weigth"] = state.pop("model.head.cam_mlp.weight")
     bad = save_in_official_container(state, tmp_path / "bad.ckpt", container="lightning")
     with pytest.raises(UserError) as info:

@@ -5,28 +5,12 @@ import numpy as np
 import pytest
 import torch
 
-from occbench.checkpoints import (manifest_path, model_layout_from_manifest, random_state_dict_from_manifest,
-                                  save_in_official_container)
+from helpers import model_layout_from_manifest, random_state_dict_from_manifest, save_in_official_container
+from occbench.checkpoints import manifest_path
 from occbench.errors import UserError
 from occbench.models import build_model, get_entry
 from occbench.rotations import rot6d_to_rotmat
 from occbench.zoo import load_model
-
-
-def spin_manifest():
-    path = manifest_path("spin_hmr.tsv")
-    if path is None:
-        pytest.fail("spin_hmr.tsv: the official manifests are missing: put shared/reference/manifests beside the checkout or set OCCBENCH_MANIFESTS")
-    return path
-
-
-def usable_random_state(tsv, seed=0):
-    """Manifest-shaped random tensors with positive BatchNorm variances (N(0, 0.02^2) would give NaNs)."""
-    state = random_state_dict_from_manifest(tsv, seed=seed)
-    for key, value in state.items():
-        if key.endswith("running_var"):
-            state[key] = value.abs() + 1.0
-    return state
 
 
 def mean_params_identity():
@@ -43,7 +27,7 @@ def zero_regressor_outputs(model):
 
 def test_state_dict_equals_manifest_key_for_key():
     entry = get_entry("spin")
-    expected = model_layout_from_manifest(spin_manifest(), entry.strip_prefixes, entry.known_unused)
+    expected = model_layout_from_manifest(manifest_path("spin_hmr.tsv"), entry.strip_prefixes, entry.known_unused)
     model = build_model("spin", mean_params=mean_params_identity())
     got = [(k, tuple(v.shape), str(v.dtype).replace("torch.", "")) for k, v in model.state_dict().items()]
     assert got == expected  # same keys, shapes, dtypes, and the official order
@@ -52,7 +36,7 @@ def test_state_dict_equals_manifest_key_for_key():
 @pytest.fixture(scope="module")
 def official_file(tmp_path_factory):
     """A random state dict in SPIN's {'model': ...} container, written once for the module."""
-    state = usable_random_state(spin_manifest(), seed=1)
+    state = random_state_dict_from_manifest(manifest_path("spin_hmr.tsv"), seed=1)
     path = tmp_path_factory.mktemp("spin") / "model_checkpoint.pt"
     return state, save_in_official_container(state, path, container="model-dict")
 
