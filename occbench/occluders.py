@@ -22,14 +22,13 @@ Fills: a constant colour per window (``fill_r/g/b`` in RGB [0,1]; ImageNet mean 
 texture patch (``texture`` index into a :class:`TextureBank`, crop corner ``tex_x, tex_y`` in the resized
 texture, aligned with the occluder's bounding-box corner).
 
-Every random choice (texture, its crop corner, bar angle, colour, jitter) is a function of
-(protocol fingerprint, seed, sample id, window index, draw slot) through :func:`uniforms`, a counter-based
-hash, so any single window can be rebuilt on its own (``--replay``).
+The window table itself (columns, scaling to the input size, the counter-based draws that choose every
+texture, crop corner, angle and colour) lives in :mod:`occbench.windows`; Pascal VOC object occluders in
+:mod:`occbench.voc`.
 """
 from __future__ import annotations
 
 import hashlib
-import math
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +38,6 @@ import torch
 
 from occbench.assets import MissingAssetError
 
-CANONICAL_SIZE = 224
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 SHAPE_BOX, SHAPE_ELLIPSE = 0, 1
 SHAPE_NAMES = {SHAPE_BOX: "box", SHAPE_ELLIPSE: "ellipse"}
@@ -53,57 +51,6 @@ DTD_TEST_CATEGORIES = (
 SKIMAGE_TEXTURES = ("brick", "grass", "gravel", "coffee", "chelsea", "astronaut", "rocket", "hubble_deep_field",
                     "immunohistochemistry", "coins", "moon", "camera", "colorwheel", "checkerboard", "clock",
                     "cell")
-
-
-def scale_px(value: float, input_size: int) -> int:
-    """A length defined at 224 px, at ``input_size`` px, rounded half up (40 -> 57, 80 -> 114, 10 -> 14 at 320)."""
-    return int(math.floor(value * input_size / CANONICAL_SIZE + 0.5))
-
-
-def grid_count(image_size: int, size: int, stride: int) -> int:
-    """Windows per axis, ``ceil((image_size - size) / stride + 1)`` (PARE and 3DNBF scripts)."""
-    return int(math.ceil((image_size - size) / stride + 1))
-
-
-def grid_origins(image_size: int, size: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row-major sliding-window grid: (rows (N,), cols (N,)) indices, window n = row * n_axis + col.
-
-    Window n covers ``[col * stride, col * stride + size) x [row * stride, ...)``, clipped by the border.
-    """
-    n = grid_count(image_size, size, stride)
-    rows, cols = np.divmod(np.arange(n * n), n)
-    return rows, cols
-
-
-# ----------------------------------------------------------------------------------------- randomness
-_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
-
-
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    with np.errstate(over="ignore"):
-        x = (x + np.uint64(0x9E3779B97F4A7C15)) & _MASK64
-        x = ((x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)) & _MASK64
-        x = ((x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)) & _MASK64
-        return x ^ (x >> np.uint64(31))
-
-
-def sample_key(fingerprint: str, seed: int, sample_id: str) -> int:
-    """64-bit key of (protocol fingerprint, seed, sample id); stable across processes and platforms."""
-    digest = hashlib.blake2b(f"{fingerprint}|{int(seed)}|{sample_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little")
-
-
-def uniforms(key: int, windows: np.ndarray, slot: int) -> np.ndarray:
-    """Uniform floats in [0, 1), one per window, for draw number ``slot`` (0..63) of each window.
-
-    A counter-based generator: the value for (key, window, slot) does not depend on any other draw.
-    """
-    if not 0 <= slot < 64:
-        raise ValueError(f"draw slot {slot} outside 0..63")
-    counter = np.asarray(windows, dtype=np.uint64) * np.uint64(64) + np.uint64(slot)
-    bits = _splitmix64(_splitmix64(np.full(counter.shape, key, dtype=np.uint64)) ^ counter)
-    bits = _splitmix64(bits)
-    return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
 
 # ----------------------------------------------------------------------------------------- textures
@@ -303,124 +250,3 @@ def compose(clean: torch.Tensor, table: dict, bank: TextureBank | None = None) -
     mask = occluder_masks(table, height, width, clean.device)
     fill = fill_images(table, height, width, clean.device, bank).to(clean.dtype)
     return torch.where(mask, fill.expand(batch, 3, height, width), clean)
-
-
-# ----------------------------------------------------------------------------------------- VOC objects
-class VocOccluders:
-    """Sárándi et al.'s Pascal VOC object occluders (REFERENCE.md 4, 5.4), written from the description.
-
-    Objects: segmented VOC 2012 objects that are not person, not difficult, not truncated, with >= 500 mask
-    pixels; the mask border (pixels removed by an 8x8 elliptic erosion) gets alpha 192/255; stored at 0.5x.
-    Per window: ``min_objects..max_objects`` objects (default 1..7), each scaled by U(0.2, 1.0) *
-    min(W, H) / 256, centred uniformly over the crop, alpha-blended in order. Every draw comes from
-    :func:`uniforms`. This is the one protocol composed per window (a few small pastes per copy on the
-    device), because each copy holds a different number of objects of different sizes.
-    """
-
-    def __init__(self, objects: list, root: str):
-        self.objects = objects
-        self.root = root
-
-    @classmethod
-    def open(cls, voc_root) -> "VocOccluders":
-        if voc_root is None:
-            raise MissingAssetError(
-                "voc-objects needs Pascal VOC 2012 (JPEGImages, Annotations, SegmentationObject): pass "
-                "--voc-root VOCdevkit/VOC2012; get it from http://host.robots.ox.ac.uk/pascal/VOC/voc2012/")
-        root = Path(voc_root).expanduser()
-        if (root / "VOC2012").is_dir():
-            root = root / "VOC2012"
-        for sub in ("JPEGImages", "Annotations", "SegmentationObject"):
-            if not (root / sub).is_dir():
-                raise MissingAssetError(f"Pascal VOC: {root / sub} not found; --voc-root must be "
-                                        "VOCdevkit/VOC2012 (from http://host.robots.ox.ac.uk/pascal/VOC/voc2012/)")
-        key = str(root.resolve())
-        if key not in _VOC_CACHE:
-            _VOC_CACHE[key] = _load_voc_objects(root)
-        if not _VOC_CACHE[key]:
-            raise MissingAssetError(f"Pascal VOC: no usable segmented object under {root}")
-        return cls(_VOC_CACHE[key], key)
-
-    def draws(self, protocol, sample_id: str, seed: int, window: int, input_size: int):
-        """[(object index, scale factor, cx, cy)] pasted on copy ``window`` of ``sample_id``."""
-        key = sample_key(protocol.fingerprint(), seed, sample_id)
-        w = np.array([window])
-        low, high = protocol.min_objects, protocol.max_objects
-        count = low + min(int(uniforms(key, w, 0)[0] * (high - low + 1)), high - low)
-        out = []
-        for k in range(count):
-            u = [float(uniforms(key, w, 1 + 4 * k + j)[0]) for j in range(4)]
-            index = min(int(u[0] * len(self.objects)), len(self.objects) - 1)
-            scale = (0.2 + 0.8 * u[1]) * input_size / 256.0
-            out.append((index, scale, u[2] * input_size, u[3] * input_size))
-        return out
-
-    def windows(self, protocol, sample_id: str, seed: int, input_size: int) -> dict:
-        from occbench.protocol import _empty_table
-        table = _empty_table(protocol.copies)
-        table["window"] = np.arange(protocol.copies)
-        table["occ_shape"][:] = -1
-        table["anchor_x"][:] = table["anchor_y"][:] = np.nan
-        return table
-
-    def compose(self, base: torch.Tensor, table: dict, sample_ids, protocol, seed: int) -> torch.Tensor:
-        import cv2
-        images = base.clone()
-        size = images.shape[-1]
-        for b, (window, sample_id) in enumerate(zip(table["window"], sample_ids)):
-            for index, scale, cx, cy in self.draws(protocol, sample_id, seed, int(window), size):
-                rgba = self.objects[index]
-                height = max(1, int(round(rgba.shape[0] * scale)))
-                width = max(1, int(round(rgba.shape[1] * scale)))
-                interp = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-                patch = cv2.resize(rgba, (width, height), interpolation=interp)
-                x0, y0 = int(round(cx - width / 2)), int(round(cy - height / 2))
-                ix0, iy0 = max(x0, 0), max(y0, 0)
-                ix1, iy1 = min(x0 + width, size), min(y0 + height, size)
-                if ix1 <= ix0 or iy1 <= iy0:
-                    continue
-                piece = torch.from_numpy(np.ascontiguousarray(patch[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0]))
-                piece = piece.to(images.device).permute(2, 0, 1).float() / 255.0
-                alpha = piece[3:4]
-                region = images[b, :, iy0:iy1, ix0:ix1]
-                images[b, :, iy0:iy1, ix0:ix1] = piece[:3] * alpha + region * (1 - alpha)
-        return images
-
-
-_VOC_CACHE: dict = {}
-
-
-def _load_voc_objects(root: Path) -> list:
-    """RGBA uint8 object images (0.5x) from the segmented VOC images."""
-    import xml.etree.ElementTree as ET
-
-    import cv2
-    from PIL import Image
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (8, 8))
-    objects = []
-    for seg_path in sorted((root / "SegmentationObject").glob("*.png")):
-        xml_path = root / "Annotations" / f"{seg_path.stem}.xml"
-        if not xml_path.is_file():
-            continue
-        boxes = []
-        for i, obj in enumerate(ET.parse(xml_path).getroot().findall("object")):
-            if (obj.findtext("name") == "person" or obj.findtext("difficult", "0") != "0"
-                    or obj.findtext("truncated", "0") != "0"):
-                continue
-            box = obj.find("bndbox")
-            boxes.append((i, [int(float(box.findtext(k))) for k in ("xmin", "ymin", "xmax", "ymax")]))
-        if not boxes:
-            continue
-        labels = np.asarray(Image.open(seg_path))
-        image = np.asarray(Image.open(root / "JPEGImages" / f"{seg_path.stem}.jpg").convert("RGB"))
-        for i, (x0, y0, x1, y1) in boxes:
-            mask = (labels[y0:y1, x0:x1] == i + 1).astype(np.uint8) * 255
-            if int(mask.sum() // 255) < 500:
-                continue
-            eroded = cv2.erode(mask, kernel)
-            mask[eroded < mask] = 192
-            rgba = np.concatenate([image[y0:y1, x0:x1], mask[..., None]], axis=-1)
-            small = cv2.resize(rgba, (max(1, rgba.shape[1] // 2), max(1, rgba.shape[0] // 2)),
-                               interpolation=cv2.INTER_AREA)
-            objects.append(np.ascontiguousarray(small))
-    return objects

@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from occbench import occluders as occ
+from occbench import voc
+from occbench import windows as win
 from occbench.errors import UserError
 
 KINDS = ("clean", "occsens", "advocc", "hkmr", "voc")
@@ -115,11 +117,16 @@ class Protocol:
     def uses_textures(self) -> bool:
         return self.fill == "texture"
 
+    @property
+    def uses_voc(self) -> bool:
+        """Composed from Pascal VOC objects (needs a VOC root, :class:`occbench.voc.VocOccluders`)."""
+        return self.kind == "voc"
+
     def grid(self, input_size: int):
         """(size_px, stride_px, n_per_axis) at the model's input size."""
-        size = occ.scale_px(self.size, input_size)
-        stride = occ.scale_px(self.stride, input_size)
-        return size, stride, occ.grid_count(input_size, size, stride)
+        size = win.scale_px(self.size, input_size)
+        stride = win.scale_px(self.stride, input_size)
+        return size, stride, win.grid_count(input_size, size, stride)
 
     def n_windows(self, input_size: int = 224) -> int | None:
         """Windows per sample (None where it depends on the sample, e.g. joints without GT 2D)."""
@@ -136,25 +143,33 @@ class Protocol:
         """The window table of one sample: dict of numpy columns, one row per occluded copy.
 
         joints2d: (14,2) GT 2D in 224-crop px (needed by ``hkmr``); only: window indices to keep (replay).
-        Columns: ``window`` and the geometry/fill columns of :mod:`occbench.occluders` (input-size px), plus
+        Columns (:data:`occbench.windows.TABLE_COLUMNS`): ``window``, the occluder geometry and fill (input-size px),
         ``x0, y0, size`` (top-left corner and side in 224 px), ``anchor_x, anchor_y`` (heatmap position,
         224 px), ``grid_row, grid_col``, ``pattern``, ``doc``, ``target_joint`` (-1 where not applicable).
         """
-        key = occ.sample_key(self.fingerprint(), seed, sample_id)
+        key = win.sample_key(self.fingerprint(), seed, sample_id)
         if self.kind == "clean":
-            table = _empty_table(0)
+            table = win.empty_table(0)
         elif self.kind in ("occsens", "advocc"):
             table = self._grid_table(input_size, key, textures)
         elif self.kind == "hkmr":
             table = self._hkmr_table(input_size, key, joints2d, joints2d_valid)
-        else:  # voc windows are drawn by occbench.voc; the table carries only the window ids
-            table = _empty_table(self.copies)
-            table["window"] = np.arange(self.copies)
-            table["occ_shape"][:] = -1
+        else:  # voc: the objects of each window are drawn from its index when it is composed
+            table = voc.window_table(self.copies)
         if only is not None:
-            keep = np.isin(table["window"], np.asarray(list(only), dtype=np.int64))
-            table = {k: v[keep] for k, v in table.items()}
+            table = win.keep_windows(table, only)
         return table
+
+    def compose(self, clean, table: dict, sample_ids, seed: int, textures: "occ.TextureBank | None" = None,
+                objects: "voc.VocOccluders | None" = None):
+        """The occluded copies of a batch of windows: (B,3,H,W) RGB [0,1] at the model's input size.
+
+        clean: (B,3,H,W) clean crops (row b of ``table`` applies to ``clean[b]``); sample_ids: (B,) the sample
+        of each row (VOC objects are drawn from it); objects: the VOC objects (``uses_voc``).
+        """
+        if self.kind == "voc":
+            return objects.compose(clean, table, sample_ids, self, seed)
+        return occ.compose(clean, table, textures)
 
     def _fill(self, table, key, textures, clip_w=None, clip_h=None):
         n = len(table["window"])
@@ -165,23 +180,23 @@ class Protocol:
                 table[name][:] = color[c]
         elif self.fill == "random-color":
             for c, name in enumerate(("fill_r", "fill_g", "fill_b")):
-                table[name][:] = occ.uniforms(key, windows, 4 + c)
+                table[name][:] = win.uniforms(key, windows, 4 + c)
         else:
             if textures is None:
                 raise UserError(f"protocol {self.name!r} needs textures (fill = 'texture') but none were given")
-            t = np.minimum((occ.uniforms(key, windows, 0) * len(textures)).astype(np.int64), len(textures) - 1)
+            t = np.minimum((win.uniforms(key, windows, 0) * len(textures)).astype(np.int64), len(textures) - 1)
             height, width = textures.sizes[t, 0], textures.sizes[t, 1]
             # crop of the (clipped) window's size, as 3DNBF crops the texture to the clipped patch
             w = np.full(n, 1, np.int64) if clip_w is None else clip_w
             h = np.full(n, 1, np.int64) if clip_h is None else clip_h
             table["texture"][:] = t
-            table["tex_x"][:] = np.floor(occ.uniforms(key, windows, 1) * np.maximum(width - w + 1, 1))
-            table["tex_y"][:] = np.floor(occ.uniforms(key, windows, 2) * np.maximum(height - h + 1, 1))
+            table["tex_x"][:] = np.floor(win.uniforms(key, windows, 1) * np.maximum(width - w + 1, 1))
+            table["tex_y"][:] = np.floor(win.uniforms(key, windows, 2) * np.maximum(height - h + 1, 1))
 
     def _grid_table(self, input_size, key, textures):
         size, stride, n = self.grid(input_size)
-        rows, cols = occ.grid_origins(input_size, size, stride)
-        table = _empty_table(n * n)
+        rows, cols = win.grid_origins(input_size, size, stride)
+        table = win.empty_table(n * n)
         table["window"] = np.arange(n * n)
         table["grid_row"], table["grid_col"] = rows, cols
         left, top = cols * stride, rows * stride
@@ -189,7 +204,7 @@ class Protocol:
         table["occ_hw"][:] = size / 2.0
         table["occ_hh"][:] = size / 2.0
         table["occ_shape"][:] = occ.SHAPE_BOX
-        to224 = occ.CANONICAL_SIZE / input_size
+        to224 = win.CANONICAL_SIZE / input_size
         table["x0"], table["y0"] = left * to224, top * to224
         table["size"][:] = size * to224
         offset = 0.0 if self.indexing == "top-left" else size / 2.0
@@ -217,21 +232,21 @@ class Protocol:
             candidates = np.flatnonzero(valid)
             if len(candidates) == 0:
                 raise UserError("no joint with valid GT 2D to place an occluder on")
-            pick = lambda slot, n: np.minimum((occ.uniforms(key, windows, slot) * n).astype(np.int64), n - 1)
+            pick = lambda slot, n: np.minimum((win.uniforms(key, windows, slot) * n).astype(np.int64), n - 1)
             joint = candidates[pick(8, len(candidates))]
             p_idx, d_idx = pick(9, n_p), pick(10, n_d)
-        table = _empty_table(len(windows))
+        table = win.empty_table(len(windows))
         table["window"] = windows
-        scale = input_size / occ.CANONICAL_SIZE
+        scale = input_size / win.CANONICAL_SIZE
         pattern = np.asarray(self.patterns, dtype=object)[p_idx] if len(windows) else np.array([], object)
         doc = np.asarray(self.docs, dtype=np.int64)[d_idx] if len(windows) else np.array([], np.int64)
         jitter = self.jitter * scale
-        cx = joints2d[joint, 0] * scale + (occ.uniforms(key, windows, 11) * 2 - 1) * jitter
-        cy = joints2d[joint, 1] * scale + (occ.uniforms(key, windows, 12) * 2 - 1) * jitter
+        cx = joints2d[joint, 0] * scale + (win.uniforms(key, windows, 11) * 2 - 1) * jitter
+        cy = joints2d[joint, 1] * scale + (win.uniforms(key, windows, 12) * 2 - 1) * jitter
         a0, a1 = self.bar_angle
-        angle = np.deg2rad(a0 + (a1 - a0) * occ.uniforms(key, windows, 13))
+        angle = np.deg2rad(a0 + (a1 - a0) * win.uniforms(key, windows, 13))
         r0, r1 = math.log(self.rect_aspect[0]), math.log(self.rect_aspect[1])
-        aspect = np.exp(r0 + (r1 - r0) * occ.uniforms(key, windows, 14))
+        aspect = np.exp(r0 + (r1 - r0) * win.uniforms(key, windows, 14))
         hw = np.zeros(len(windows))
         hh = np.zeros(len(windows))
         shape = np.full(len(windows), occ.SHAPE_BOX)
@@ -239,10 +254,10 @@ class Protocol:
             sel = pattern == name
             d = doc[sel] - 1
             if name == "bar":
-                hw[sel] = occ.scale_px(self.bar_length, input_size) / 2.0
-                hh[sel] = np.array([occ.scale_px(w, input_size) for w in DOC_BAR_WIDTH])[d] / 2.0
+                hw[sel] = win.scale_px(self.bar_length, input_size) / 2.0
+                hh[sel] = np.array([win.scale_px(w, input_size) for w in DOC_BAR_WIDTH])[d] / 2.0
             elif name == "circle":
-                radius = np.array([occ.scale_px(r, input_size) for r in DOC_CIRCLE_RADIUS])[d]
+                radius = np.array([win.scale_px(r, input_size) for r in DOC_CIRCLE_RADIUS])[d]
                 hw[sel] = hh[sel] = radius
                 shape[sel] = occ.SHAPE_ELLIPSE
             else:
@@ -260,31 +275,6 @@ class Protocol:
         table["anchor_x"], table["anchor_y"] = cx * to224, cy * to224
         self._fill(table, key, None)
         return table
-
-
-TABLE_COLUMNS = {
-    "window": np.int64, "grid_row": np.int64, "grid_col": np.int64, "x0": np.float64, "y0": np.float64,
-    "size": np.float64, "anchor_x": np.float64, "anchor_y": np.float64, "pattern": object, "doc": np.int64,
-    "target_joint": np.int64, "occ_cx": np.float64, "occ_cy": np.float64, "occ_hw": np.float64,
-    "occ_hh": np.float64, "occ_angle": np.float64, "occ_shape": np.int64, "fill_r": np.float64,
-    "fill_g": np.float64, "fill_b": np.float64, "texture": np.int64, "tex_x": np.int64, "tex_y": np.int64,
-}
-
-
-def _empty_table(n: int) -> dict:
-    table = {name: np.zeros(n, dtype=dtype) for name, dtype in TABLE_COLUMNS.items()}
-    for name in ("grid_row", "grid_col", "target_joint", "texture"):
-        table[name][:] = -1
-    table["pattern"][:] = ""
-    return table
-
-
-def clean_table() -> dict:
-    """The clean copy as a one-row window table (window -1, no occluder)."""
-    table = _empty_table(1)
-    table["window"][:] = -1
-    table["occ_shape"][:] = -1
-    return table
 
 
 # ---------------------------------------------------------------------------------- loading / validation
@@ -335,7 +325,7 @@ def validate(data: dict, origin: str = "protocol") -> Protocol:
 def _check_values(p: Protocol, origin: str) -> None:
     def fail(name, why):
         raise UserError(f"{origin}: field {name!r} = {getattr(p, name)!r}: {why}")
-    if p.size <= 0 or p.size > occ.CANONICAL_SIZE:
+    if p.size <= 0 or p.size > win.CANONICAL_SIZE:
         fail("size", "must be in 1..224 (px of the 224 crop)")
     if p.stride <= 0:
         fail("stride", "must be a positive number of px")

@@ -10,6 +10,8 @@ import torch
 
 from helpers import fake_voc
 from occbench import occluders as occ
+from occbench import windows
+from occbench.voc import VocOccluders
 from occbench.protocol import load_protocol
 
 
@@ -19,9 +21,9 @@ def masks_of(protocol, input_size=224, joints2d=None, seed=0, sample_id="s", tex
 
 
 def test_scale_px_rounds_half_up_to_the_reference_values():
-    assert [occ.scale_px(v, 320) for v in (40, 80, 10)] == [57, 114, 14]
-    assert [occ.scale_px(v, 224) for v in (40, 80, 10, 8)] == [40, 80, 10, 8]
-    assert occ.scale_px(7, 448) == 14 and occ.scale_px(0.25, 224) == 0 and occ.scale_px(0.5, 224) == 1
+    assert [windows.scale_px(v, 320) for v in (40, 80, 10)] == [57, 114, 14]
+    assert [windows.scale_px(v, 224) for v in (40, 80, 10, 8)] == [40, 80, 10, 8]
+    assert windows.scale_px(7, 448) == 14 and windows.scale_px(0.25, 224) == 0 and windows.scale_px(0.5, 224) == 1
 
 
 @pytest.mark.parametrize("name,input_size,count,size", [
@@ -102,11 +104,11 @@ def test_texture_fill_is_the_drawn_texture_crop():
 
 
 def test_every_draw_is_a_function_of_seed_sample_and_window():
-    key = occ.sample_key("fp", 0, "a")
-    all_windows = occ.uniforms(key, np.arange(400), 1)
-    assert np.array_equal(occ.uniforms(key, np.array([123, 7]), 1), all_windows[[123, 7]])
-    assert not np.array_equal(all_windows, occ.uniforms(occ.sample_key("fp", 1, "a"), np.arange(400), 1))
-    assert not np.array_equal(all_windows, occ.uniforms(key, np.arange(400), 2))
+    key = windows.sample_key("fp", 0, "a")
+    all_windows = windows.uniforms(key, np.arange(400), 1)
+    assert np.array_equal(windows.uniforms(key, np.array([123, 7]), 1), all_windows[[123, 7]])
+    assert not np.array_equal(all_windows, windows.uniforms(windows.sample_key("fp", 1, "a"), np.arange(400), 1))
+    assert not np.array_equal(all_windows, windows.uniforms(key, np.arange(400), 2))
     assert 0.45 < all_windows.mean() < 0.55 and all_windows.min() >= 0 and all_windows.max() < 1
     bank = occ.TextureBank(occ.skimage_source(), 224)
     p = load_protocol("advocc40")
@@ -150,7 +152,7 @@ def test_hkmr_geometry_scales_with_input_size():
 
 def test_voc_objects_from_a_voc_folder(tmp_path):
     fake_voc(tmp_path / "VOC2012")
-    voc = occ.VocOccluders.open(tmp_path)
+    voc = VocOccluders.open(tmp_path)
     assert len(voc.objects) == 1 and voc.objects[0].shape == (25, 25, 4)      # stored at 0.5x
     alpha = voc.objects[0][..., 3]
     assert alpha[12, 12] == 255 and alpha[0, 0] == 0
@@ -160,6 +162,7 @@ def test_voc_objects_from_a_voc_folder(tmp_path):
     assert 1 <= len(draws) <= 7 and draws == voc.draws(protocol, "s", 0, 0, 224)
     counts = {len(voc.draws(protocol, f"s{i}", 0, 0, 224)) for i in range(60)}
     assert counts == set(range(1, 8))
-    table = voc.windows(protocol, "s", 0, 224)
-    out = voc.compose(torch.zeros(1, 3, 224, 224), table, ["s"], protocol, 0)
+    table = protocol.windows("s", 224, 0)
+    assert list(table["window"]) == list(range(protocol.copies))
+    out = protocol.compose(torch.zeros(1, 3, 224, 224), windows.select(table, [0]), ["s"], 0, objects=voc)
     assert out.sum() > 0

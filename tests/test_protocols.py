@@ -100,6 +100,6 @@ def test_protocols_command_lists_every_name():
 
 def test_voc_without_root_is_a_missing_asset_error():
     from occbench.assets import MissingAssetError
-    from occbench.occluders import VocOccluders
+    from occbench.voc import VocOccluders
     with pytest.raises(MissingAssetError, match="voc-root"):
         VocOccluders.open(None)
