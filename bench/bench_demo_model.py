@@ -41,6 +41,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from occbench import rundir
+
 
 # Body regions over SMPL parts (a vertex belongs to the joint with its largest skinning weight, so part 16 is
 # the upper arm, 18 the forearm, 1 the thigh, 4 the lower leg); part-label value = part + 1, 0 = background.
@@ -55,7 +57,7 @@ PUBLISHED_ADVOCC40 = {"SPIN": (96.6, 203.5), "HMR-EFT": (89.5, 146.7), "PARE": (
 
 def worst_window_vs_clean(run_dir: Path) -> dict:
     """Headline worst-window and clean MPJPE of an advocc run (metrics.json) and their ratio."""
-    headline = json.loads((Path(run_dir) / "metrics.json").read_text())["headline"]
+    headline = rundir.read_metrics(run_dir)["headline"]
     return {"advocc40_clean_mpjpe": headline["clean_mpjpe"], "advocc40_worst_mpjpe": headline["mpjpe"],
             "advocc40_worst_vs_clean": headline["mpjpe"] / headline["clean_mpjpe"]}
 
@@ -136,7 +138,7 @@ def sensitivity(run_dir: Path, input_size: int, labels: np.ndarray,
     ratio (module docstring, item 3). ``by_region``: windows and their mean error by the body region under
     the window's centre, and how much of the rise over clean is in the joints the window hides."""
     masks = labels > 0
-    joints = pd.read_parquet(run_dir / "joints.parquet",
+    joints = pd.read_parquet(rundir.table_path(run_dir, "joints"),
                              columns=["sample_index", "window", "joint", "mpjpe", "visible", "occluded", "occ_cx",
                                       "occ_cy", "x0", "y0", "size"])
     joints = joints[joints["visible"]]

@@ -23,6 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from occbench import rundir
+
 # wall clock by default; --clock cpu uses this process's CPU time, which other processes on a shared
 # machine disturb far less (use it with --threads 1, where CPU time is compute time, not spin-waiting)
 CLOCK = time.perf_counter
@@ -79,8 +81,8 @@ def engine_run(model, dataset, n_samples, max_windows, out, **options):
     run = run_protocol(model, dataset, "occsens40-dense", out, limit=n_samples, max_windows=max_windows,
                        progress=False, quiet=True, **options)
     seconds, wall = CLOCK() - start, time.perf_counter() - wall_start
-    joints = pd.read_parquet(run / "joints.parquet")
-    timing = json.loads((run / "run.json").read_text())["timing"]
+    joints = pd.read_parquet(rundir.table_path(run, "joints"))
+    timing = rundir.read_config(run)["timing"]
     engine_run.forward_share = timing["forward_s"] / wall       # of the whole call, setup and output included
     return int((joints["window"] >= 0).sum() // 14), seconds, joints
 
@@ -105,7 +107,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
 
     import occbench
-    from occbench.engine import Runner, autotune
+    from occbench.runner import Runner, autotune
     from occbench.protocol import load_protocol
     model = occbench.load_model(args.model, weights="random", backbone=args.backbone, device=args.device)
     dataset = occbench.open_dataset("demo")

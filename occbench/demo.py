@@ -38,7 +38,8 @@ def main(argv=None) -> Path:
     args = parser.parse_args(argv)
 
     from occbench.data import open_dataset
-    from occbench.engine import format_summary, run_protocol
+    from occbench.engine import run_protocol
+    from occbench.scoring import format_summary
     from occbench.protocol import load_protocol
     from occbench.report import write_report
     from occbench.zoo import load_model

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from occbench import figures
-from occbench.results import JOINT_NAMES, Run, compare_runs, load_run
+from occbench import figures, rundir
+from occbench.data.joints import LSP14_NAMES
+from occbench.results import Run, compare_runs, load_run
 
 def write_report(run_dirs, out_dir, title: str = "occbench report", heatmap_samples: int = 3,
                  meshes: bool = True) -> Path:
@@ -156,11 +157,11 @@ def _mesh_section(page, runs, out_dir):
                         betas=torch.zeros(1, 10)).vertices[0].numpy()
     pooled = []
     for run in runs:
-        predictions_path = run.path / "predictions.parquet"
+        predictions_path = rundir.table_path(run.path, "predictions")
         if not predictions_path.is_file():
             page.alert(f"{run.label}: no clean predictions stored (predictions.parquet); no sensitivity mesh")
             continue
-        acc = accumulate_run(run, body, pd.read_parquet(predictions_path), JOINT_NAMES)
+        acc = accumulate_run(run, body, pd.read_parquet(predictions_path), LSP14_NAMES)
         pooled.append((run, acc.mean()))
     if not pooled:
         return
@@ -180,7 +181,7 @@ def _mesh_section(page, runs, out_dir):
         page.image(png, "mean over joints: front and back")
         page.mesh_view(f"mesh{i}", template, body.faces, mean_values, vmin, vmax)
         page.links({Path(p).name: Path(p).relative_to(out_dir).as_posix() for p in files.values()})
-        for col, name in enumerate(JOINT_NAMES):
+        for col, name in enumerate(LSP14_NAMES):
             export_mesh(template, body.faces, values[:, col], joint_min, joint_max,
                         out_dir / "meshes" / f"sensitivity_{i}_{name}")
         page.p("Per-joint meshes (PLY and GLB) for every joint are in meshes/ beside this page.")

@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from occbench import rundir
+from occbench.data.joints import LSP14_NAMES as JOINT_NAMES
 from occbench.errors import UserError
-
-JOINT_NAMES = ("right_ankle", "right_knee", "right_hip", "left_hip", "left_knee", "left_ankle", "right_wrist",
-               "right_elbow", "right_shoulder", "left_shoulder", "left_elbow", "left_wrist", "neck", "head_top")
+from occbench.scoring import per_sample_means, reported_source, worst_rows
 METRICS = ("mpjpe", "pa_mpjpe", "pckh")
 AXIS_COLUMNS = ("err_x", "err_y", "err_z")
 
@@ -83,10 +83,7 @@ class Run:
     @property
     def source(self) -> str:
         """Which windows the protocol reports: clean, occluded (all windows) or worst (per sample)."""
-        protocol = self.config["protocol"]
-        if protocol["kind"] == "clean":
-            return "clean"
-        return "worst" if protocol.get("report") == "worst" else "occluded"
+        return reported_source(self.config["protocol"])
 
     def warnings(self) -> list[str]:
         """Reasons these numbers are not comparable to published tables."""
@@ -114,15 +111,15 @@ class Run:
     @cached_property
     def joints(self) -> pd.DataFrame:
         """Per (sample, window, joint) rows as the engine wrote them (window -1 = clean)."""
-        return pd.read_parquet(self.path / "joints.parquet")
+        return pd.read_parquet(rundir.table_path(self.path, "joints"))
 
     @cached_property
     def samples(self) -> pd.DataFrame:
-        return pd.read_parquet(self.path / "samples.parquet")
+        return pd.read_parquet(rundir.table_path(self.path, "samples"))
 
     @cached_property
     def failed(self) -> pd.DataFrame:
-        path = self.path / "failed.parquet"
+        path = rundir.table_path(self.path, "failed")
         return pd.read_parquet(path) if path.is_file() else pd.DataFrame(columns=["sample_id", "reason"])
 
     def tidy(self) -> pd.DataFrame:
@@ -145,8 +142,7 @@ class Run:
         if source == "occluded":
             return rows[window >= 0]
         if source == "worst":
-            worst = dict(zip(self.samples["sample_index"], self.samples["worst_window"]))
-            return rows[(window >= 0) & (window == rows["sample_index"].map(worst).to_numpy())]
+            return rows[(window >= 0) & worst_rows(rows, self.samples)]
         raise ValueError(f"source must be clean, occluded or worst, not {source!r}")
 
     # ---------------------------------------------------------------- summaries
@@ -169,8 +165,7 @@ class Run:
         if metric == "pckh":
             return (*_pckh_bootstrap(rows, n_boot, seed), n)
         if reduction == "per-sample":
-            per_window = rows.groupby(["sample_index", "window"])[metric].mean()
-            per_sample = per_window.groupby(level=0).mean()
+            per_sample = per_sample_means(rows, metric)
             est = bootstrap_ratio(per_sample.to_numpy(), np.ones(len(per_sample)), n_boot, seed)
         else:
             grouped = rows.groupby("sample_index")[metric]
@@ -235,7 +230,7 @@ class Run:
         rows = rows[rows["doc"] > 0]
         records = []
         for (pattern, doc), part in rows.groupby(["pattern", "doc"]):
-            per_sample = part.groupby(["sample_index", "window"])["mpjpe"].mean().groupby(level=0).mean()
+            per_sample = per_sample_means(part, "mpjpe")
             value, low, high = bootstrap_ratio(per_sample.to_numpy(), np.ones(len(per_sample)), n_boot, seed)
             records.append({"model": self.model, "pattern": pattern, "doc": int(doc), "mpjpe": value,
                             "ci_low": low, "ci_high": high, "n_samples": len(per_sample)})
@@ -303,15 +298,14 @@ def _pckh_bootstrap(rows: pd.DataFrame, n_boot: int, seed: int) -> tuple[float, 
 def load_run(path) -> Run:
     """Open a finished run directory (``occbench run --out DIR``)."""
     path = Path(path)
-    if not (path / "run.json").is_file():
-        raise UserError(f"{path} is not a run directory (no run.json); pass the --out folder of `occbench run`")
-    config = json.loads((path / "run.json").read_text())
-    if not (path / "joints.parquet").is_file():
+    if not rundir.RunDir.exists(path):
+        raise UserError(f"{path} is not a run directory (no {rundir.RUN_JSON}); pass the --out folder of "
+                        "`occbench run`")
+    config = rundir.read_config(path)
+    if not rundir.table_path(path, "joints").is_file():
         raise UserError(f"{path}: the run is not finished (no joints.parquet); run the same command again "
                         "to resume it, or `occbench merge` its shards")
-    metrics_path = path / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    return Run(path=path, config=config, metrics=metrics)
+    return Run(path=path, config=config, metrics=rundir.read_metrics(path))
 
 
 # Conventions that must agree before two runs' numbers are put side by side.

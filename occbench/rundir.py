@@ -1,4 +1,5 @@
-"""The run directory: run.json + chunked parquet files, written atomically, resumable, mergeable.
+"""The run directory, the one home of its format: file names, table schemas, building the tables, run.json
+and chunked parquet files written atomically (resumable, mergeable), and reading them back.
 
 Layout::
 
@@ -31,9 +32,38 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from occbench.data.joints import LSP14_NAMES
 from occbench.errors import UserError
+from occbench.windows import TABLE_COLUMNS
 
+RUN_JSON = "run.json"
+METRICS_JSON = "metrics.json"
 TABLES = ("joints", "samples", "failed", "predictions")
+N_JOINTS = len(LSP14_NAMES)   # rows per (sample, window) in joints tables
+
+# per (sample, window, joint): errors, then the window table's columns (occbench.windows)
+JOINT_SCHEMA = pa.schema(
+    [("sample_index", pa.int64()), ("sample_id", pa.string()), ("window", pa.int32()), ("joint", pa.int8()),
+     ("mpjpe", pa.float32()), ("pa_mpjpe", pa.float32()), ("pckh", pa.float32()), ("visible", pa.bool_()),
+     ("occluded", pa.bool_()), ("in_crop", pa.bool_()), ("err_x", pa.float32()), ("err_y", pa.float32()),
+     ("err_z", pa.float32()), ("pve", pa.float32())]
+    + [(name, pa.string() if dtype is object else (pa.float64() if dtype is np.float64 else pa.int64()))
+       for name, dtype in TABLE_COLUMNS.items() if name != "window"])
+# per sample: clean errors, the mean over windows and the worst window (occbench.scoring.sample_summary)
+SUMMARY_SCHEMA = pa.schema([
+    ("sample_index", pa.int64()), ("sample_id", pa.string()), ("n_windows", pa.int32()),
+    ("clean_mpjpe", pa.float64()), ("clean_pa_mpjpe", pa.float64()), ("clean_pckh", pa.float64()),
+    ("mean_mpjpe", pa.float64()), ("mean_pa_mpjpe", pa.float64()), ("mean_pckh", pa.float64()),
+    ("worst_window", pa.int32()), ("worst_mpjpe", pa.float64()), ("worst_pa_mpjpe", pa.float64()),
+    ("worst_pckh", pa.float64()), ("worst_n_visible", pa.int32()), ("worst_texture", pa.string()),
+    ("worst_tex_x", pa.int64()), ("worst_tex_y", pa.int64()), ("worst_x0", pa.float64()),
+    ("worst_y0", pa.float64()), ("worst_size", pa.float64()), ("worst_pattern", pa.string()),
+    ("worst_doc", pa.int64()), ("worst_target_joint", pa.int64())])
+FAILED_SCHEMA = pa.schema([("sample_index", pa.int64()), ("sample_id", pa.string()), ("reason", pa.string())])
+# the clean prediction of every sample (sensitivity meshes are drawn on it): rotmat (216), betas (10), cam (3)
+PREDICTION_SCHEMA = pa.schema([("sample_index", pa.int64()), ("sample_id", pa.string()),
+                               ("rotmat", pa.list_(pa.float32())), ("betas", pa.list_(pa.float32())),
+                               ("cam", pa.list_(pa.float32()))])
 # run.json keys that must match for a resume or a merge (everything that changes the numbers)
 IDENTITY_KEYS = ("model", "dataset", "protocol", "seed", "precision", "batch_size", "memory_format",
                  "chunk_samples", "n_samples", "textures", "replay", "conventions", "max_windows")
@@ -67,6 +97,63 @@ def plan_chunks(n_samples: int, chunk_samples: int, shard: Shard | None = None) 
         if shard is None or c % shard.count == shard.index:
             chunks.append((c, start, min(start + chunk_samples, n_samples)))
     return chunks
+
+
+# ---------------------------------------------------------------------------------------- tables
+def joint_table(windows: dict, sample_index, sample_ids, *, mpjpe, pa_mpjpe, pckh, visible, occluded, in_crop,
+                axis_err, pve) -> pa.Table:
+    """The joints table of rows (sample, window): ``windows`` is their window table (occbench.windows) and
+    sample_index / sample_ids / pve are one value per row; mpjpe, pa_mpjpe, pckh, visible, occluded, in_crop
+    are (rows, 14) and axis_err (rows, 14, 3). One output row per (row, joint)."""
+    n_rows = len(windows["window"])
+    rep = lambda a: np.repeat(a, N_JOINTS)
+    columns = {
+        "sample_index": rep(sample_index), "sample_id": rep(sample_ids).astype(str),
+        "window": rep(windows["window"]).astype(np.int32),
+        "joint": np.tile(np.arange(N_JOINTS, dtype=np.int8), n_rows),
+        "mpjpe": mpjpe.reshape(-1), "pa_mpjpe": pa_mpjpe.reshape(-1), "pckh": pckh.reshape(-1),
+        "visible": visible.reshape(-1), "occluded": occluded.reshape(-1), "in_crop": in_crop.reshape(-1),
+        "err_x": axis_err[..., 0].reshape(-1), "err_y": axis_err[..., 1].reshape(-1),
+        "err_z": axis_err[..., 2].reshape(-1), "pve": rep(pve),
+    }
+    for name in TABLE_COLUMNS:
+        if name != "window":
+            columns[name] = rep(windows[name]).astype(str) if TABLE_COLUMNS[name] is object else rep(windows[name])
+    return pa.table(columns, schema=JOINT_SCHEMA)
+
+
+def prediction_table(sample_index, sample_ids, rotmat, betas, cam) -> pa.Table:
+    """rotmat (N,24,3,3), betas (N,10), cam (N,3) of N samples, stored flat per sample."""
+    return pa.table({"sample_index": pa.array(list(sample_index), pa.int64()), "sample_id": list(sample_ids),
+                     "rotmat": list(np.asarray(rotmat).reshape(len(sample_ids), -1)), "betas": list(betas),
+                     "cam": list(cam)}, schema=PREDICTION_SCHEMA)
+
+
+def chunk_tables(joints: pa.Table | None, summaries: list[dict], failed: list[tuple],
+                 predictions: pa.Table | None = None) -> dict[str, pa.Table]:
+    """The four tables of a chunk. summaries: rows of SUMMARY_SCHEMA; failed: (sample_index, sample_id,
+    reason); a missing joints or predictions table is written empty."""
+    summary = pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA) if summaries else SUMMARY_SCHEMA.empty_table()
+    fail = pa.table({"sample_index": [f[0] for f in failed], "sample_id": [str(f[1]) for f in failed],
+                     "reason": [str(f[2]) for f in failed]}, schema=FAILED_SCHEMA)
+    return {"joints": JOINT_SCHEMA.empty_table() if joints is None else joints, "samples": summary,
+            "failed": fail, "predictions": PREDICTION_SCHEMA.empty_table() if predictions is None else predictions}
+
+
+def table_path(run_path, name: str) -> Path:
+    """A finished run's table ``name`` (one of TABLES): RUN_DIR/<name>.parquet."""
+    return Path(run_path) / f"{name}.parquet"
+
+
+def read_config(run_path) -> dict:
+    """run.json of a run directory."""
+    return json.loads((Path(run_path) / RUN_JSON).read_text())
+
+
+def read_metrics(run_path) -> dict:
+    """metrics.json of a finished run directory ({} when it has none)."""
+    path = Path(run_path) / METRICS_JSON
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -118,7 +205,7 @@ class RunDir:
         A directory holding a different run (any identity key differs) is a UserError naming the key.
         """
         path = Path(path)
-        run_json = path / "run.json"
+        run_json = path / RUN_JSON
         if run_json.is_file():
             old = json.loads(run_json.read_text())
             for key in IDENTITY_KEYS + ("shard", "limit"):
@@ -137,17 +224,36 @@ class RunDir:
     @classmethod
     def load(cls, path) -> "RunDir":
         path = Path(path)
-        if not (path / "run.json").is_file():
-            raise UserError(f"{path} is not a run directory (no run.json)")
-        return cls(path, json.loads((path / "run.json").read_text()))
+        if not (path / RUN_JSON).is_file():
+            raise UserError(f"{path} is not a run directory (no {RUN_JSON})")
+        return cls(path, read_config(path))
+
+    @staticmethod
+    def exists(path) -> bool:
+        """``path`` holds a run (its run.json), finished or not."""
+        return (Path(path) / RUN_JSON).is_file()
+
+    def is_finished(self) -> bool:
+        """The final tables are written (chunks concatenated)."""
+        return self.table_path("samples").is_file()
+
+    def read_table(self, name: str, columns=None) -> pa.Table:
+        """A finished run's table ``name`` (one of TABLES)."""
+        return pq.read_table(self.table_path(name), columns=columns)
 
     def update(self, **values) -> None:
         self.config.update(values)
-        write_json(self.path / "run.json", self.config)
+        write_json(self.path / RUN_JSON, self.config)
 
     # ------------------------------------------------------------------ chunks
     def chunk_path(self, chunk: int, table: str) -> Path:
         return self.path / "chunks" / f"chunk-{chunk:06d}.{table}"
+
+    def table_path(self, name: str) -> Path:
+        return table_path(self.path, name)
+
+    def write_metrics(self, metrics: dict) -> None:
+        write_json(self.path / METRICS_JSON, metrics)
 
     def has_chunk(self, chunk: int) -> bool:
         return self.chunk_path(chunk, "done").is_file()
@@ -167,7 +273,7 @@ class RunDir:
     def concatenate(self, chunks: list[int]) -> None:
         """Write joints/samples/failed.parquet as the given chunks in order, one chunk in memory at a time."""
         for name in TABLES:
-            target = self.path / f"{name}.parquet"
+            target = table_path(self.path, name)
             tmp = target.with_name(target.name + f".tmp{os.getpid()}")
             writer = None
             for chunk in chunks:

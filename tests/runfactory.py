@@ -1,40 +1,50 @@
-"""Run directories with known errors, written without the engine (for aggregation and report tests)."""
-import json
-
+"""Run directories with known errors, written without a model through the engine's own run-directory code
+(:mod:`occbench.rundir`: the same schemas, chunk files and final tables), for aggregation and report tests."""
 import numpy as np
-import pandas as pd
+import pyarrow.parquet as pq
+
+from occbench import rundir, windows
 
 N_J = 14
 
 
 def write_run(path, *, model="m", protocol=None, errors, visible=None, anchors=None, doc=None, pattern=None,
               conventions=None, worst=None, n_samples_config=None):
-    """A run dir whose errors are given: errors[sample][window] = (14,) mpjpe; window -1 is clean."""
+    """A run dir whose errors are given: errors[sample][window] = (14,) mpjpe; window -1 is clean.
+
+    pa_mpjpe = mpjpe / 2 and pckh = (mpjpe < 100); no per-axis errors or PVE (NaN)."""
     protocol = protocol or {"name": "occsens40", "kind": "occsens", "report": "mean", "reduction": "per-sample",
                             "indexing": "top-left"}
     rows, samples = [], []
-    for s, windows in enumerate(errors):
-        for w, err in windows.items():
-            vis = np.ones(N_J, bool) if visible is None else visible[s][w]
+    for s, sample_windows in enumerate(errors):
+        for w, err in sample_windows.items():
+            table = windows.empty_table(1) if w >= 0 else windows.clean_table()
             ax, ay = (anchors or {}).get(w, (0.0, 0.0))
-            for j in range(N_J):
-                rows.append({"sample_index": s, "sample_id": f"s{s}", "window": w, "joint": j,
-                             "mpjpe": float(err[j]), "pa_mpjpe": float(err[j]) / 2, "pckh": float(err[j] < 100),
-                             "visible": bool(vis[j]), "occluded": False, "in_crop": True,
-                             "x0": ax, "y0": ay, "size": 40.0, "anchor_x": ax, "anchor_y": ay,
-                             "pattern": (pattern or {}).get(w, ""), "doc": (doc or {}).get(w, 0)})
-        occl = [w for w in windows if w >= 0]
-        means = {w: np.mean(windows[w]) for w in occl}
+            table["window"][:] = w
+            table["x0"][:], table["y0"][:], table["size"][:] = ax, ay, 40.0
+            table["anchor_x"][:], table["anchor_y"][:] = ax, ay
+            table["pattern"][:] = (pattern or {}).get(w, "")
+            table["doc"][:] = (doc or {}).get(w, 0)
+            vis = np.ones(N_J, bool) if visible is None else visible[s][w]
+            rows.append((s, table, np.asarray(err, np.float64), np.asarray(vis, bool)))
+        occl = [w for w in sample_windows if w >= 0]
+        means = {w: np.mean(sample_windows[w]) for w in occl}
         samples.append({"sample_index": s, "sample_id": f"s{s}",
                         "mean_mpjpe": float(np.mean(list(means.values()))) if means else np.nan,
                         "worst_window": (worst[s] if worst else (max(means, key=means.get) if means else -1))})
-    path.mkdir(parents=True)
-    pd.DataFrame(rows).to_parquet(path / "joints.parquet")
-    pd.DataFrame(samples).to_parquet(path / "samples.parquet")
+    mpjpe = np.stack([r[2] for r in rows]).astype(np.float32)
+    joints = rundir.joint_table(
+        windows.concatenate([r[1] for r in rows]), np.array([r[0] for r in rows]),
+        np.array([f"s{r[0]}" for r in rows], dtype=object), mpjpe=mpjpe, pa_mpjpe=mpjpe / 2,
+        pckh=(mpjpe < 100).astype(np.float32), visible=np.stack([r[3] for r in rows]),
+        occluded=np.zeros(mpjpe.shape, bool), in_crop=np.ones(mpjpe.shape, bool),
+        axis_err=np.full(mpjpe.shape + (3,), np.nan, np.float32), pve=np.full(len(rows), np.nan, np.float32))
     config = {"model": {"name": model, "weights": "checkpoint"}, "protocol": protocol,
               "dataset": {"name": "demo"}, "conventions": conventions or {"pelvis": "h36m-root"},
               "n_samples": n_samples_config or len(errors)}
-    (path / "run.json").write_text(json.dumps(config))
+    run = rundir.RunDir.open_or_create(path, config)
+    run.write_chunk(0, rundir.chunk_tables(joints, samples, []))
+    run.concatenate([0])
     return path
 
 
@@ -49,6 +59,8 @@ def write_predictions(path, n_samples, body=None):
     from occbench.rotations import rot6d_to_rotmat
     mean = load_mean_params()
     rotmat = rot6d_to_rotmat(torch.as_tensor(mean["pose"]).view(24, 6)).reshape(-1).numpy()
-    rows = [{"sample_index": s, "rotmat": rotmat.tolist(), "betas": [0.0] * 10, "cam": [0.9, 0.0, 0.0]}
-            for s in range(n_samples)]
-    pd.DataFrame(rows).to_parquet(path / "predictions.parquet")
+    table = rundir.prediction_table(range(n_samples), [f"s{s}" for s in range(n_samples)],
+                                    np.tile(rotmat.astype(np.float32), (n_samples, 1)),
+                                    np.zeros((n_samples, 10), np.float32),
+                                    np.tile(np.array([0.9, 0.0, 0.0], np.float32), (n_samples, 1)))
+    pq.write_table(table, rundir.table_path(path, "predictions"))

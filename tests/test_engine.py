@@ -335,7 +335,7 @@ class _TimedRunner:
 
 
 def test_autotune_survives_one_slow_moment_and_prefers_the_larger_of_equal_batches():
-    from occbench.engine import autotune
+    from occbench.runner import autotune
     runner = _TimedRunner()
     tuned = autotune(runner, 8, max_batch=16, memory_formats=["contiguous"], min_seconds=0.02)
     batches = [m["batch"] for m in tuned["measurements"]]

@@ -239,7 +239,7 @@ def test_fitter_end_to_end_through_the_zoo():
     assert pred.rotmat.shape == (2, 24, 3, 3) and torch.isfinite(pred.vertices).all()
     assert pred.extras["feature_map"].shape == (2, 128, 16, 16)
     assert (pred.extras["fit_loss"] <= pred.extras["fit_init_loss"] + 1e-6).all()
-    from occbench.engine import Runner                          # the engine's path for fitting models
+    from occbench.runner import Runner                          # the engine's path for fitting models
     runner = Runner(model)
     with runner.grad_context():
         joints, _, joints2d = runner(torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5)))

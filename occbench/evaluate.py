@@ -1,0 +1,217 @@
+"""Evaluating one chunk of samples: prepare each sample -> clean forward -> occluded windows -> per-joint
+scores -> the chunk's tables.
+
+:func:`evaluate_chunk` is a pure function of a :class:`ChunkContext` (picklable: the protocol, the runner
+with its model, texture and VOC banks) and the loaded samples, so chunks may be evaluated in other processes.
+
+Why occluders are drawn at the model's input size: REFERENCE.md 1 scales all geometry by input_size / 224
+(rounded), which is how 3DNBF draws its patches (57 px at 320, integer edges); drawing at 224 and resizing
+would blur the patch edges and make it 57.14 px.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from occbench import metrics, occluders, rundir, scoring
+from occbench import windows as win
+from occbench.data.joints import LSP14_NAMES
+from occbench.errors import UserError
+from occbench.protocol import Protocol
+from occbench.runner import Runner
+from occbench.voc import VocOccluders
+
+N_JOINTS = len(LSP14_NAMES)
+ERROR_ROWS = 4096       # errors are computed in slices of this many rows: cheap next to the forward passes
+
+
+@dataclass
+class ChunkContext:
+    """Everything a chunk's evaluation needs besides its samples."""
+
+    protocol: Protocol
+    runner: Runner
+    input_size: int
+    seed: int
+    batch_size: int
+    pelvis: str
+    textures: occluders.TextureBank | None = None
+    voc: VocOccluders | None = None
+    only: dict | None = None          # replay: sample_id -> [window]
+    max_windows: int | None = None    # only each sample's first N windows (quick looks, benchmarks)
+
+
+@dataclass
+class PreparedSample:
+    """One sample ready to evaluate: validated reference arrays and its window table."""
+
+    index: int                        # dataset index
+    sample: object                    # the dataset's Sample
+    crop: np.ndarray                  # (224,224,3) uint8
+    joints2d: np.ndarray | None       # (14,2) GT 2D in 224 px, or None
+    valid2d: np.ndarray               # (14,) bool
+    windows: dict                     # the window table (occbench.windows)
+
+
+def load_samples(dataset, start: int, end: int):
+    """([(index, sample)], [(index, sample_id, reason)]) of dataset indices start..end-1."""
+    loaded, failed = [], []
+    ids = getattr(dataset, "sample_ids", None)
+    for index in range(start, end):
+        try:
+            loaded.append((index, dataset[index]))
+        except Exception as err:  # an unreadable sample must not stop the run; the reason is recorded
+            sample_id = str(ids[index]) if ids is not None else f"#{index}"
+            failed.append((index, sample_id, f"{type(err).__name__}: {err}"))
+    return loaded, failed
+
+
+def prepare_sample(ctx: ChunkContext, index: int, sample) -> PreparedSample:
+    """Validated reference arrays + window table of one sample; raises UserError with the reason."""
+    crop = np.asarray(sample.crop)
+    if crop.shape != (224, 224, 3) or crop.dtype != np.uint8:
+        raise UserError(f"crop must be (224,224,3) uint8, got {crop.shape} {crop.dtype}")
+    if ctx.protocol.reference == "gt":
+        if sample.joints3d is None:
+            raise UserError("no 3D ground truth (use reference = 'clean', the GT-free mode)")
+        joints3d = np.asarray(sample.joints3d, dtype=np.float32)
+        if joints3d.shape != (N_JOINTS, 3):
+            raise UserError(f"joints3d must be (14,3), got {joints3d.shape}")
+    joints2d = None if sample.joints2d is None else np.asarray(sample.joints2d, dtype=np.float64)
+    valid2d = (np.ones(N_JOINTS, bool) if sample.joints2d_valid is None
+               else np.asarray(sample.joints2d_valid, bool))
+    if joints2d is None:
+        valid2d = np.zeros(N_JOINTS, bool)
+    only = None
+    if ctx.only is not None:
+        if sample.sample_id not in ctx.only:
+            raise UserError("not in the replayed run (or it failed there)")
+        only = ctx.only[sample.sample_id]
+    table = ctx.protocol.windows(sample.sample_id, ctx.input_size, ctx.seed, joints2d=joints2d,
+                                 joints2d_valid=valid2d, textures=ctx.textures, only=only)
+    if ctx.max_windows is not None:
+        table = win.select(table, slice(None, ctx.max_windows))
+    return PreparedSample(index, sample, crop, joints2d, valid2d, table)
+
+
+def evaluate_chunk(ctx: ChunkContext, loaded, failed) -> dict:
+    """Errors of one chunk -> its tables {joints, samples, failed, predictions} (:mod:`occbench.rundir`)."""
+    protocol, runner, size = ctx.protocol, ctx.runner, ctx.input_size
+    device = runner.device
+    failed = list(failed)
+    prepared = []
+    for index, sample in loaded:
+        try:
+            prepared.append(prepare_sample(ctx, index, sample))
+        except (UserError, ValueError, TypeError) as err:
+            failed.append((index, sample.sample_id, str(err)))
+    if not prepared:
+        return rundir.chunk_tables(None, [], failed)
+
+    crops = torch.from_numpy(np.stack([p.crop for p in prepared])).to(device)
+    clean = crops.permute(0, 3, 1, 2).float().div_(255.0)
+    if size != clean.shape[-1]:
+        clean = F.interpolate(clean, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    n_slots = len(prepared)
+
+    with runner.grad_context():
+        clean_parts, clean_params, clean_pve = [], [], []
+        gt_verts = _gt_vertices(prepared, protocol, device)
+        for i in range(0, n_slots, ctx.batch_size):
+            clean_parts.append(runner(clean[i:i + ctx.batch_size]))
+            clean_params.append(_params_of(runner.last))
+            clean_pve.append(scoring.vertex_errors(runner.last, clean_parts[-1][1], clean_parts[-1][0], gt_verts,
+                                                   np.arange(i, min(i + ctx.batch_size, n_slots)), ctx.pelvis))
+        clean_out = [torch.cat(parts) for parts in zip(*clean_parts)]
+        c3d, croot, c2d = clean_out
+        if protocol.reference == "gt":
+            ref3d = torch.from_numpy(np.stack([np.asarray(p.sample.joints3d, np.float32) for p in prepared]))
+            ref3d = ref3d.to(device)
+            ref2d_np = np.stack([p.joints2d if p.joints2d is not None else np.zeros((N_JOINTS, 2))
+                                 for p in prepared])
+            valid2d_np = np.stack([p.valid2d for p in prepared])
+        else:
+            ref3d = metrics.align_pelvis(c3d, ctx.pelvis, pelvis=croot if ctx.pelvis == "h36m-root" else None)
+            ref2d_np = c2d.cpu().numpy().astype(np.float64)
+            valid2d_np = np.ones((n_slots, N_JOINTS), bool)
+        ref2d = torch.as_tensor(ref2d_np, dtype=torch.float32, device=device)
+        valid2d = torch.as_tensor(valid2d_np, device=device)
+        head = metrics.head_size_lsp14(ref2d, mask=valid2d)
+        finite3d = torch.isfinite(ref3d).all(-1)
+        ref3d = torch.nan_to_num(ref3d)
+
+        # one table for the chunk: clean rows (window -1) then every sample's windows, tagged by slot
+        tables, slots = [], []
+        for slot, p in enumerate(prepared):
+            tables += [win.clean_table(), p.windows]
+            slots += [np.full(1, slot), np.full(len(p.windows["window"]), slot)]
+        table = win.concatenate(tables)
+        slot = np.concatenate(slots)
+        n_rows = len(slot)
+        is_clean = table["window"] < 0
+
+        scale = size / win.CANONICAL_SIZE
+        occluded = occluders.points_inside(table, ref2d_np[slot] * scale) & ~is_clean[:, None]
+        in_crop = ((ref2d_np[slot] >= 0) & (ref2d_np[slot] < win.CANONICAL_SIZE)).all(-1) & valid2d_np[slot]
+        visible = finite3d.cpu().numpy()[slot]
+        if protocol.visible_only:
+            visible = visible & ~occluded & in_crop
+        pck_mask = visible & valid2d_np[slot]
+
+        mpjpe = np.empty((n_rows, N_JOINTS), np.float32)
+        pa_err = np.empty_like(mpjpe)
+        pck = np.empty_like(mpjpe)
+        axis_err = np.empty((n_rows, N_JOINTS, 3), np.float32)
+        pve = np.full(n_rows, np.nan, np.float32)
+        pve[np.flatnonzero(is_clean)] = np.concatenate(clean_pve)
+        out3d = torch.empty(n_rows, N_JOINTS, 3, device=device)
+        out_root = torch.empty(n_rows, 3, device=device)
+        out2d = torch.empty(n_rows, N_JOINTS, 2, device=device)
+        clean_rows = np.flatnonzero(is_clean)
+        out3d[clean_rows], out_root[clean_rows], out2d[clean_rows] = c3d, croot, c2d
+        window_rows = np.flatnonzero(~is_clean)
+        sample_ids = np.array([p.sample.sample_id for p in prepared], dtype=object)
+        for start in range(0, len(window_rows), ctx.batch_size):
+            rows = window_rows[start:start + ctx.batch_size]
+            base = clean[torch.as_tensor(slot[rows], device=device)]
+            images = protocol.compose(base, win.select(table, rows), list(sample_ids[slot[rows]]), ctx.seed,
+                                      textures=ctx.textures, objects=ctx.voc)
+            r = torch.as_tensor(rows, device=device)
+            out3d[r], out_root[r], out2d[r] = runner(images)
+            pve[rows] = scoring.vertex_errors(runner.last, out_root[r], out3d[r], gt_verts, slot[rows], ctx.pelvis)
+        for start in range(0, n_rows, ERROR_ROWS):
+            rows = np.arange(start, min(start + ERROR_ROWS, n_rows))
+            r = torch.as_tensor(rows, device=device)
+            s = torch.as_tensor(slot[rows], device=device)
+            m, pm, pk, ax = scoring.joint_errors(
+                out3d[r], out_root[r], out2d[r], ref3d[s], ref2d[s], head[s],
+                torch.as_tensor(visible[rows], device=device), torch.as_tensor(pck_mask[rows], device=device),
+                ctx.pelvis, protocol.pckh_threshold)
+            mpjpe[rows], pa_err[rows], pck[rows], axis_err[rows] = m, pm, pk, ax
+
+    sample_index = np.array([p.index for p in prepared])
+    joints = rundir.joint_table(table, sample_index[slot], sample_ids[slot], mpjpe=mpjpe, pa_mpjpe=pa_err,
+                                pckh=pck, visible=visible, occluded=occluded, in_crop=in_crop,
+                                axis_err=axis_err, pve=pve)
+    texture_names = ctx.textures.source.names if ctx.textures else None
+    summaries = [scoring.sample_summary(p.index, p.sample.sample_id, table, slot == s, mpjpe, pa_err, pck,
+                                        visible, texture_names)
+                 for s, p in enumerate(prepared)]
+    rotmat, betas, cam = (torch.cat(parts).float().cpu().numpy() for parts in zip(*clean_params))
+    predictions = rundir.prediction_table(sample_index, list(sample_ids), rotmat, betas, cam)
+    return rundir.chunk_tables(joints, summaries, failed, predictions)
+
+
+def _params_of(pred):
+    return pred.rotmat.detach(), pred.betas.detach(), pred.cam.detach()
+
+
+def _gt_vertices(prepared, protocol, device):
+    """(n_slots,6890,3) GT vertices (pelvis-subtracted like the joints) when every sample has them."""
+    verts = [p.sample.vertices for p in prepared]
+    if protocol.reference != "gt" or any(v is None for v in verts):
+        return None
+    return torch.from_numpy(np.stack([np.asarray(v, np.float32) for v in verts])).to(device)
