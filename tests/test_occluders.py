@@ -11,8 +11,8 @@ import torch
 from helpers import fake_voc
 from occbench import occluders as occ
 from occbench import windows
-from occbench.voc import VocOccluders
 from occbench.protocol import load_protocol
+from occbench.voc import VocOccluders
 
 
 def masks_of(protocol, input_size=224, joints2d=None, seed=0, sample_id="s", textures=None):
