@@ -3,13 +3,16 @@
 A sliding-window run gives one error per (window, joint). A heatmap places each window's error at the
 window's anchor (its top-left corner for PARE's official indexing, its centre for dense runs) and fills
 the crop from those anchors. Colours use one fixed range for every panel being compared (PARE autoscales
-every panel, so its colours cannot be compared across joints or models).
+every panel, so its colours cannot be compared across joints or models), on perceptually uniform colour
+maps (equal steps in value look like equal steps in colour; jet's bright bands invent edges).
 """
 from __future__ import annotations
 
 import numpy as np
 
 CROP = 224
+ERROR_CMAP = "viridis"    # absolute joint error
+RISE_CMAP = "magma"       # error minus the sample's clean error: a different map so the two are not confused
 
 
 def window_map(values: np.ndarray, anchor_x: np.ndarray, anchor_y: np.ndarray, indexing: str,
@@ -53,43 +56,73 @@ def _bilinear(grid, gy, gx, py, px):
     return top * (1 - tr[:, None]) + bottom * tr[:, None]
 
 
-def color_range(maps, percentile: float = 100.0) -> tuple[float, float]:
-    """One (vmin, vmax) for a set of maps: 0 .. the given percentile of all finite values."""
+def color_range(maps, low_percentile: float = 0.0, high_percentile: float = 100.0) -> tuple[float, float]:
+    """One (vmin, vmax) for a set of maps: the given percentiles of all their finite values.
+
+    Never an empty range (vmax > vmin), and (0, 1) when nothing is finite."""
     finite = np.concatenate([np.asarray(m, dtype=float).ravel() for m in maps])
     finite = finite[np.isfinite(finite)]
     if finite.size == 0:
         return 0.0, 1.0
-    vmax = float(np.percentile(finite, percentile))
-    return 0.0, vmax if vmax > 0 else 1.0
+    vmin, vmax = (float(v) for v in np.percentile(finite, [low_percentile, high_percentile]))
+    return vmin, vmax if vmax > vmin else vmin + 1.0
+
+
+def overlay(crop: np.ndarray, heat: np.ndarray, vmin: float, vmax: float, cmap: str, alpha: float) -> np.ndarray:
+    """(H,W,3) float RGB in [0,1]: ``heat`` coloured on [vmin, vmax] and blended over the crop; pixels
+    without a value (NaN) show the crop alone."""
+    import matplotlib
+    colours = matplotlib.colormaps[cmap](np.clip((heat - vmin) / (vmax - vmin), 0.0, 1.0))[..., :3]
+    base = np.asarray(crop, dtype=np.float64) / 255.0
+    weight = np.where(np.isfinite(heat), alpha, 0.0)[..., None]
+    return base * (1 - weight) + colours * weight
 
 
 def plot_heatmap_grid(crop: np.ndarray, maps: np.ndarray, titles: list[str], vmin: float, vmax: float,
-                      out_path, ncols: int = 5, alpha: float = 0.55, suptitle: str = ""):
+                      out_path, ncols: int = 5, alpha: float = 0.65, suptitle: str = "", cmap: str = ERROR_CMAP,
+                      label: str = "joint error (mm)"):
     """PARE Fig. 2 style: one panel per map, each overlaid on the crop, one colour range, one colour bar.
 
-    crop: (H,W,3) uint8; maps: (P,H,W) errors in mm; titles: P panel titles.
+    crop: (H,W,3) uint8; maps: (P,H,W) values in mm; titles: P panel titles (each gets the panel's own
+    min-max beside it); values outside [vmin, vmax] take the end colours (the colour bar's arrows). The
+    panels are blended in numpy and drawn as one image: one matplotlib image per panel cost ~2.5 s a figure.
     """
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = len(maps)
+    panels, height, width = len(maps), maps.shape[1], maps.shape[2]
     nrows = int(np.ceil(panels / ncols))
-    fig, axes = plt.subplots(nrows, ncols, figsize=(2.1 * ncols, 2.3 * nrows + 0.4), squeeze=False)
-    image = None
-    for ax in axes.ravel():
-        ax.axis("off")
-    for ax, heat, title in zip(axes.ravel(), maps, titles):
-        ax.imshow(crop)
-        image = ax.imshow(heat, cmap="jet", vmin=vmin, vmax=vmax, alpha=alpha)
+    gap_x, gap_y = 8, 26                       # white space between panels; room for two title lines
+    mosaic = np.ones((nrows * (height + gap_y), ncols * (width + gap_x) - gap_x, 3))
+    for k, heat in enumerate(maps):
+        row, col = divmod(k, ncols)
+        top, left = row * (height + gap_y) + gap_y, col * (width + gap_x)
+        mosaic[top:top + height, left:left + width] = overlay(crop, heat, vmin, vmax, cmap, alpha)
+    dpi, margin_right, margin_top = 100, 110, 36   # margins in pixels: colour bar, suptitle
+    fig = plt.figure(figsize=((mosaic.shape[1] + margin_right) / dpi, (mosaic.shape[0] + margin_top) / dpi),
+                     dpi=dpi)
+    # figimage draws the pixels as they are (no resampling: sharp and cheap); the axes only place the titles
+    fig.figimage(mosaic, xo=0, yo=0, origin="upper")
+    ax = fig.add_axes((0.0, 0.0, mosaic.shape[1] / fig.bbox.width, mosaic.shape[0] / fig.bbox.height),
+                      zorder=1)             # above the figure image, which is drawn after axes of equal zorder
+    ax.set_xlim(0, mosaic.shape[1])
+    ax.set_ylim(mosaic.shape[0], 0)
+    ax.axis("off")
+    for k, (heat, title) in enumerate(zip(maps, titles)):
+        row, col = divmod(k, ncols)
         finite = heat[np.isfinite(heat)]
         low, high = (finite.min(), finite.max()) if finite.size else (np.nan, np.nan)
-        ax.set_title(f"{title}\n{low:.0f}-{high:.0f} mm", fontsize=7)
-    if image is not None:
-        bar = fig.colorbar(image, ax=axes.ravel().tolist(), fraction=0.02, pad=0.01)
-        bar.set_label("joint error (mm)")
+        ax.text(col * (width + gap_x) + width / 2, row * (height + gap_y) + gap_y - 3,
+                f"{title}\n{low:.0f} to {high:.0f} mm", ha="center", va="bottom", fontsize=6.5)
+    bar_ax = fig.add_axes((1 - 75 / fig.bbox.width, 0.1, 12 / fig.bbox.width, 0.75))
+    mappable = plt.cm.ScalarMappable(norm=matplotlib.colors.Normalize(vmin, vmax), cmap=cmap)
+    bar = fig.colorbar(mappable, cax=bar_ax, extend="both")
+    bar.set_label(label, fontsize=8)
+    bar.ax.tick_params(labelsize=7)
     if suptitle:
-        fig.suptitle(suptitle, fontsize=9)
-    fig.savefig(out_path, dpi=90, bbox_inches="tight")
+        fig.suptitle(suptitle, fontsize=9, y=0.995)
+    # zlib level 1: 5x faster than the default on these photo-like panels, files ~1.3x larger
+    fig.savefig(out_path, dpi=dpi, pil_kwargs={"compress_level": 1})
     plt.close(fig)
     return out_path

@@ -6,6 +6,7 @@ Images are embedded as data URIs; sensitivity meshes are also written beside the
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import json
 import time
@@ -18,6 +19,7 @@ import pandas as pd
 
 from occbench import figures, rundir
 from occbench.data.joints import LSP14_NAMES
+from occbench.heatmaps import color_range
 from occbench.results import Run, compare_runs, load_run
 
 def write_report(run_dirs, out_dir, title: str = "occbench report", heatmap_samples: int = 3,
@@ -101,45 +103,96 @@ def _comparable_groups(runs) -> dict:
     return groups
 
 
+@functools.lru_cache(maxsize=4)
+def _open_dataset(name: str):
+    """Each dataset opened once per report (opening the demo set checks its cache: seconds)."""
+    from occbench.data import open_dataset
+    return open_dataset(name)
+
+
 def _crop_lookup(run: Run):
     """sample_index -> crop (224,224,3) from the run's dataset, or None when the dataset is unavailable."""
     try:
-        from occbench.data import open_dataset
-        dataset = open_dataset(run.dataset)
+        dataset = _open_dataset(run.dataset)
     except Exception as err:  # the report must still work without the images
         warnings.warn(f"{run.label}: dataset images unavailable ({err}); heatmaps drawn on gray")
         return lambda index: None
     return lambda index: dataset[int(index)].crop
 
 
+HEATMAP_PERCENTILES = (1.0, 99.0)   # colour range of each kind of map: a few extreme windows saturate
+
+
 def _heatmap_section(page, runs, out_dir, n_samples):
-    from occbench.heatmaps import color_range, plot_heatmap_grid
     page.h2("Occlusion sensitivity heatmaps", "heatmaps")
     page.p("Each panel: the error of one joint (and the mean over joints) when the occluder is placed at that "
-           "position (PARE Fig. 2). One colour range is used for every panel and every model on this page.")
-    per_run = []
+           "position (PARE Fig. 2). 'Rise' maps show the error minus the same sample's clean error, so they show "
+           "what the occluder costs rather than the model's clean error. Colour ranges are set per protocol and "
+           "per kind of map (dataset average or single sample, error or rise), from the 1st to the 99th "
+           "percentile of the values of every model on this page, so models stay comparable; values beyond "
+           "the range take the end colours. Uncoloured cells: the joint lies under the occluder there and the "
+           "protocol does not score it (visible-joint masking, AdvOcc).")
+    figure = 0
+    for protocol, (members, maps, ranges) in heatmap_panels(runs, n_samples).items():
+        page.h3(f"{protocol}: colour ranges shared by every model")
+        page.p("; ".join(f"{KIND_LABELS[kind]} {low:.0f} to {high:.0f} mm" for kind, (low, high) in ranges.items()))
+        for run, run_maps in zip(members, maps):
+            figure = _draw_run_heatmaps(page, run, run_maps, ranges, out_dir, figure)
+
+
+def heatmap_panels(runs, n_samples: int) -> dict:
+    """protocol -> (its runs, each run's maps (:func:`_run_heatmaps`), {kind: (vmin, vmax)}): one colour
+    range per protocol and kind of map, shared by every model of that protocol."""
+    by_protocol: dict = {}
     for run in runs:
-        mean_maps, titles = run.heatmaps()
-        picked = run.samples.sort_values("mean_mpjpe", ascending=False)["sample_id"].head(n_samples).tolist()
-        sample_maps = [(sid, run.heatmaps(sid)[0]) for sid in picked]
-        per_run.append((run, mean_maps, titles, sample_maps))
-    vmin, vmax = color_range([m for _, mm, _, sm in per_run for m in [mm] + [x for _, x in sm]], 99.0)
+        by_protocol.setdefault(run.protocol, []).append(run)
+    out = {}
+    for protocol, members in by_protocol.items():
+        maps = [_run_heatmaps(run, n_samples) for run in members]
+        ranges = {kind: color_range([m for run_maps in maps for m in run_maps[kind]], *HEATMAP_PERCENTILES)
+                  for kind in KIND_LABELS}
+        out[protocol] = (members, maps, ranges)
+    return out
+
+
+KIND_LABELS = {"mean_rise": "dataset average, rise over clean:", "mean_error": "dataset average, error:",
+               "sample_rise": "single samples, rise over clean:", "sample_error": "single samples, error:"}
+
+
+def _run_heatmaps(run, n_samples) -> dict:
+    """The maps of one run: dataset averages and the ``n_samples`` samples with the highest mean error."""
+    picked = run.samples.sort_values("mean_mpjpe", ascending=False)["sample_id"].head(n_samples).tolist()
+    mean_error, titles = run.heatmaps()
+    return {"titles": titles, "picked": picked, "mean_error": [mean_error], "mean_rise": [run.heatmaps(rise=True)[0]],
+            "sample_error": [run.heatmaps(sid)[0] for sid in picked],
+            "sample_rise": [run.heatmaps(sid, rise=True)[0] for sid in picked]}
+
+
+def _draw_run_heatmaps(page, run, maps, ranges, out_dir, figure) -> int:
+    from occbench.heatmaps import ERROR_CMAP, RISE_CMAP, plot_heatmap_grid
+    page.h3(run.label)
+    crops = _crop_lookup(run)
     gray = np.full((224, 224, 3), 128, np.uint8)
-    for i, (run, mean_maps, titles, sample_maps) in enumerate(per_run):
-        page.h3(run.label)
-        crops = _crop_lookup(run)
-        index_of = dict(zip(run.samples["sample_id"], run.samples["sample_index"]))
-        first = run.samples["sample_index"].iloc[0] if len(run.samples) else 0
-        background = crops(first)
-        png = plot_heatmap_grid(background if background is not None else gray, mean_maps, titles, vmin, vmax,
-                                out_dir / f"heatmap_{i}_mean.png",
-                                suptitle=f"{run.label}: averaged over {len(run.samples)} samples")
-        page.image(png, "averaged over the dataset (drawn over the first sample)")
-        for k, (sid, maps) in enumerate(sample_maps):
-            crop = crops(index_of[sid])
-            png = plot_heatmap_grid(crop if crop is not None else gray, maps, titles, vmin, vmax,
-                                    out_dir / f"heatmap_{i}_{k}.png", suptitle=f"{run.label}: {sid}")
-            page.image(png, f"sample {sid}")
+    index_of = dict(zip(run.samples["sample_id"], run.samples["sample_index"]))
+    first = run.samples["sample_index"].iloc[0] if len(run.samples) else 0
+    panels = [("mean_rise", 0, first, f"{run.label}: rise over clean, averaged over {len(run.samples)} samples",
+               "rise over the clean error, averaged over the dataset (drawn over the first sample)"),
+              ("mean_error", 0, first, f"{run.label}: error, averaged over {len(run.samples)} samples",
+               "error averaged over the dataset (drawn over the first sample)")]
+    for k, sid in enumerate(maps["picked"]):
+        panels += [("sample_rise", k, index_of[sid], f"{run.label}: {sid}, rise over clean",
+                    f"sample {sid}: rise over its clean error"),
+                   ("sample_error", k, index_of[sid], f"{run.label}: {sid}, error", f"sample {sid}: error")]
+    for kind, k, sample_index, suptitle, caption in panels:
+        crop = crops(sample_index)
+        rise = kind.endswith("rise")
+        png = plot_heatmap_grid(crop if crop is not None else gray, maps[kind][k], maps["titles"], *ranges[kind],
+                                out_dir / f"heatmap_{figure}.png", suptitle=suptitle,
+                                cmap=RISE_CMAP if rise else ERROR_CMAP,
+                                label="rise over clean error (mm)" if rise else "joint error (mm)")
+        page.image(png, caption)
+        figure += 1
+    return figure
 
 
 def _mesh_section(page, runs, out_dir):

@@ -246,14 +246,23 @@ class Run:
     def has_grid(self) -> bool:
         return self.config["protocol"]["kind"] in ("occsens", "advocc")
 
-    def window_errors(self, sample_id: str | None = None, metric: str = "mpjpe") -> pd.DataFrame:
+    def window_errors(self, sample_id: str | None = None, metric: str = "mpjpe",
+                      rise: bool = False) -> pd.DataFrame:
         """(window x joint) errors of one sample, or averaged over samples; columns: window, anchor_x,
-        anchor_y, one column per joint name and ``mean`` (the mean over the window's visible joints)."""
-        rows = self.joints[(self.joints["window"] >= 0) & self.joints["visible"]]
+        anchor_y, one column per joint name and ``mean`` (the mean over the window's visible joints).
+
+        rise: each row's error minus the same sample's clean error for that joint (window -1) before
+        averaging, so a map shows what the occluder adds, not the model's clean error."""
+        visible = self.joints[self.joints["visible"]]
+        rows = visible[visible["window"] >= 0]
         if sample_id is not None:
             rows = rows[rows["sample_id"] == sample_id]
             if rows.empty:
                 raise UserError(f"{self.path}: no windows for sample {sample_id!r}")
+        if rise:
+            clean = visible[visible["window"] < 0].set_index(["sample_index", "joint"])[metric]
+            key = pd.MultiIndex.from_arrays([rows["sample_index"], rows["joint"]])
+            rows = rows.assign(**{metric: rows[metric].to_numpy() - clean.reindex(key).to_numpy()})
         per_joint = rows.pivot_table(index="window", columns="joint", values=metric, aggfunc="mean")
         per_joint.columns = [JOINT_NAMES[j] for j in per_joint.columns]
         # mean over joints within each (sample, window) first, then over samples
@@ -261,12 +270,14 @@ class Run:
         anchors = rows.groupby("window")[["anchor_x", "anchor_y"]].first()
         return anchors.join(per_joint).assign(mean=mean).reset_index()
 
-    def heatmaps(self, sample_id: str | None = None, metric: str = "mpjpe") -> tuple[np.ndarray, list[str]]:
-        """(15,224,224) maps (14 joints + mean) for one sample or averaged over the dataset, and titles."""
+    def heatmaps(self, sample_id: str | None = None, metric: str = "mpjpe",
+                 rise: bool = False) -> tuple[np.ndarray, list[str]]:
+        """(15,224,224) maps (14 joints + mean) for one sample or averaged over the dataset, and titles;
+        ``rise``: the error minus the clean error (see :meth:`window_errors`)."""
         from occbench.heatmaps import window_map
         if not self.has_grid:
             raise UserError(f"{self.path}: protocol {self.protocol} has no window grid to draw as a heatmap")
-        table = self.window_errors(sample_id, metric)
+        table = self.window_errors(sample_id, metric, rise)
         indexing = self.config["protocol"].get("indexing", "top-left")
         names = list(JOINT_NAMES) + ["mean"]
         maps = np.stack([window_map(table[name].to_numpy() if name in table else np.full(len(table), np.nan),

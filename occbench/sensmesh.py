@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from occbench.camera import FOCAL_LENGTH, weak_perspective_to_translation
+from occbench.heatmaps import ERROR_CMAP
 
 CROP = 224
 
@@ -120,7 +121,7 @@ def visible_vertices(points_cam: np.ndarray, depth: np.ndarray, depth_tolerance:
     return inside & np.isfinite(surface) & (points_cam[:, 2] <= surface + depth_tolerance)
 
 
-def value_colors(values: np.ndarray, vmin: float, vmax: float, cmap: str = "jet") -> np.ndarray:
+def value_colors(values: np.ndarray, vmin: float, vmax: float, cmap: str = ERROR_CMAP) -> np.ndarray:
     """(V,) values -> (V,4) uint8 RGBA on a fixed range; NaN -> gray."""
     import matplotlib
     colors = matplotlib.colormaps[cmap](np.clip((values - vmin) / max(vmax - vmin, 1e-9), 0, 1))
@@ -177,7 +178,7 @@ def render_views(vertices: np.ndarray, faces: np.ndarray, values: np.ndarray, vm
         ax.imshow(image)
         ax.set_title(label, fontsize=8)
         ax.axis("off")
-    mappable = plt.cm.ScalarMappable(norm=matplotlib.colors.Normalize(vmin, vmax), cmap="jet")
+    mappable = plt.cm.ScalarMappable(norm=matplotlib.colors.Normalize(vmin, vmax), cmap=ERROR_CMAP)
     fig.colorbar(mappable, ax=axes, fraction=0.04, pad=0.02).set_label("mean joint error (mm)", fontsize=8)
     if title:
         fig.suptitle(title, fontsize=9)

@@ -121,3 +121,15 @@ def test_pve_is_one_value_per_window(tmp_path):
     table = load_run(run_dir).summary(n_boot=0).set_index(["source", "metric"])
     assert table.loc[("clean", "pve"), "value"] == pytest.approx(30.0)
     assert table.loc[("occluded", "pve"), "value"] == pytest.approx(70.0)
+
+
+def test_rise_heatmap_subtracts_each_samples_clean_error(tmp_path):
+    anchors = {0: (0.0, 0.0), 1: (112.0, 112.0)}
+    errors = [{-1: const(10), 0: const(30), 1: const(10)},      # clean 10: the first window adds 20
+              {-1: const(50), 0: const(60), 1: const(50)}]      # clean 50: the first window adds 10
+    run = load_run(write_run(tmp_path / "r", errors=errors, anchors=anchors))
+    error, _ = run.heatmaps()
+    rise, _ = run.heatmaps(rise=True)
+    assert error[-1, 10, 10] == 45 and rise[-1, 10, 10] == 15 and rise[-1, 200, 200] == 0
+    one, _ = run.heatmaps("s1", rise=True)
+    assert one[3, 10, 10] == 10 and one[3, 200, 200] == 0
