@@ -40,6 +40,7 @@ import torch
 
 from occbench.assets import MissingAssetError
 from occbench.errors import UserError
+from occbench.safe_pickle import RestrictedUnpickler
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +110,10 @@ def _restricted_pickle_module(replaced: list[str]) -> types.ModuleType:
     allowed = _torch_allowed_globals()
     placeholders: dict[str, type] = {}
 
-    class RestrictedUnpickler(pickle.Unpickler):
-        def find_class(self, module, name):
+    class TorchUnpickler(RestrictedUnpickler):
+        """torch's allow-list; any other global becomes an inert placeholder instead of an error."""
+
+        def resolve(self, module, name):
             full_name = f"{module}.{name}"
             if full_name in allowed:
                 return allowed[full_name]
@@ -120,11 +123,11 @@ def _restricted_pickle_module(replaced: list[str]) -> types.ModuleType:
             return placeholders[full_name]
 
     module = types.ModuleType("occbench_restricted_pickle")
-    module.Unpickler = RestrictedUnpickler
+    module.Unpickler = TorchUnpickler
     module.Pickler = pickle.Pickler
     module.UnpicklingError = pickle.UnpicklingError
-    module.load = lambda file, **kwargs: RestrictedUnpickler(file, **kwargs).load()
-    module.loads = lambda data, **kwargs: RestrictedUnpickler(io.BytesIO(data), **kwargs).load()
+    module.load = lambda file, **kwargs: TorchUnpickler(file, **kwargs).load()
+    module.loads = lambda data, **kwargs: TorchUnpickler(io.BytesIO(data), **kwargs).load()
     return module
 
 
@@ -202,10 +205,11 @@ def read_state_dict(path: str | os.PathLike) -> tuple[dict, str]:
 class CheckpointReport:
     """How a checkpoint file matches a model, key by key.
 
-    Key names: ``missing``, ``loaded`` and the first element of ``misshaped`` / ``mistyped`` / ``cast``
+    Key names: ``missing``, ``loaded``, ``nonfinite`` and the first element of ``misshaped`` / ``mistyped`` / ``cast``
     are model keys; ``unexpected`` and ``known_unused`` are keys as stored in the file.
     misshaped: (model key, file shape, model shape); mistyped: (model key, file dtype, model dtype) where
-    the kinds differ (float vs integer vs bool); cast: same-kind dtype conversions that were applied.
+    the kinds differ (float vs integer vs bool); cast: same-kind dtype conversions that were applied;
+    nonfinite: tensors holding NaN or inf (never loaded: one NaN weight makes every prediction NaN).
     """
 
     path: str
@@ -222,6 +226,7 @@ class CheckpointReport:
     misshaped: list = field(default_factory=list)
     mistyped: list = field(default_factory=list)
     cast: list = field(default_factory=list)
+    nonfinite: list = field(default_factory=list)
     opaque_objects: list = field(default_factory=list)
     allow_partial: bool = False
     applied: bool = False
@@ -229,13 +234,13 @@ class CheckpointReport:
     @property
     def ok(self) -> bool:
         """Every model tensor is in the file with the right shape and kind, and nothing unexplained is left."""
-        return not (self.missing or self.unexpected or self.misshaped or self.mistyped)
+        return not (self.missing or self.unexpected or self.misshaped or self.mistyped or self.nonfinite)
 
     def counts(self) -> dict:
         return {"file_tensors": self.n_file_tensors, "model_tensors": self.n_model_tensors,
                 "loaded": len(self.loaded), "missing": len(self.missing), "unexpected": len(self.unexpected),
                 "known_unused": len(self.known_unused), "misshaped": len(self.misshaped),
-                "mistyped": len(self.mistyped), "cast": len(self.cast)}
+                "mistyped": len(self.mistyped), "cast": len(self.cast), "nonfinite": len(self.nonfinite)}
 
     def summary(self) -> dict:
         """JSON-ready record for run.json: identity of the file, counts, and every mismatch by name."""
@@ -247,6 +252,7 @@ class CheckpointReport:
             "known_unused": list(self.known_unused),
             "misshaped": [[k, list(a), list(b)] for k, a, b in self.misshaped],
             "mistyped": [list(t) for t in self.mistyped], "cast": [list(t) for t in self.cast],
+            "nonfinite": list(self.nonfinite),
             "opaque_objects": list(self.opaque_objects),
         }
 
@@ -267,6 +273,7 @@ class CheckpointReport:
         add("unexpected in the file", self.unexpected, str)
         add("wrong shape", self.misshaped, lambda t: f"{t[0]}: file {tuple(t[1])} vs model {tuple(t[2])}")
         add("wrong kind of dtype", self.mistyped, lambda t: f"{t[0]}: file {t[1]} vs model {t[2]}")
+        add("NaN or inf values", self.nonfinite, str)
         return lines
 
     def error_message(self) -> str:
@@ -287,6 +294,9 @@ class CheckpointReport:
         if self.mistyped:
             parts.append(f"{len(self.mistyped)} key(s) with the wrong dtype "
                          f"{names(self.mistyped, lambda t: f'{t[0]} file {t[1]} vs model {t[2]}')}")
+        if self.nonfinite:
+            parts.append(f"{len(self.nonfinite)} tensor(s) holding NaN or inf {names(self.nonfinite)} (the file "
+                         "is damaged or from a diverged training run: get the released file again)")
         return (f"checkpoint {self.path} ({self.container}, prefixes stripped: "
                 f"{', '.join(self.strip_prefixes) or 'none'}) does not match model {self.model!r}: "
                 f"{'; '.join(parts)}; {len(self.loaded)} of {self.n_model_tensors} model tensors match. "
@@ -371,6 +381,9 @@ def _compare(model: torch.nn.Module, path, strip_prefixes, known_unused, allow_p
             report.cast.append((name, str(value.dtype).replace("torch.", ""),
                                 str(target.dtype).replace("torch.", "")))
             value = value.to(target.dtype)
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            report.nonfinite.append(name)
+            continue
         tensors[name] = value
         report.loaded.append(name)
     return report, tensors
@@ -392,10 +405,11 @@ def load_checkpoint_into(model: torch.nn.Module, path, strip_prefixes=(), known_
     stripped key); they are accepted and listed as known-unused. Tensors are cast to the model's dtype.
     Strict by default: any missing, unexpected, mis-shaped or wrongly typed key raises UserError (one
     paragraph naming them and the fix) and leaves the model untouched. ``allow_partial=True`` loads the
-    tensors that match and returns a report whose ``ok`` is False.
+    tensors that match and returns a report whose ``ok`` is False. A tensor holding NaN or inf is refused
+    even with ``allow_partial``.
     """
     report, tensors = _compare(model, path, strip_prefixes, known_unused, allow_partial)
-    if not report.ok and not allow_partial:
+    if report.nonfinite or (not report.ok and not allow_partial):   # NaN weights: refused even when partial
         raise UserError(report.error_message())
     if not report.ok:
         log.warning("partial checkpoint load: %s", report.error_message())

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import io
 import os
-import pickle
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
 from occbench.errors import UserError
+from occbench.safe_pickle import RestrictedUnpickler
 
 # Keys smplx's SMPL reads (plus a few the releases carry that we keep when present).
 REQUIRED_KEYS = ("v_template", "f", "weights", "kintree_table", "J_regressor", "shapedirs", "posedirs")
@@ -82,42 +82,18 @@ class _SparseMatrix(_StateHolder):
         return np.asarray(matrix.toarray())
 
 
-def _numpy_core(name: str):
-    import importlib
-    try:
-        return importlib.import_module(name.replace("numpy.core", "numpy._core", 1))
-    except ModuleNotFoundError:
-        return importlib.import_module(name)
+class _SmplUnpickler(RestrictedUnpickler):
+    """numpy and builtins (the shared restricted unpickler) plus chumpy and scipy.sparse stand-ins."""
 
-
-_SAFE_GLOBALS = {
-    ("copy_reg", "_reconstructor"), ("copyreg", "_reconstructor"), ("copyreg", "__newobj__"),
-    ("__builtin__", "object"), ("builtins", "object"), ("__builtin__", "set"), ("builtins", "set"),
-    ("__builtin__", "frozenset"), ("builtins", "frozenset"), ("collections", "OrderedDict"),
-    ("__builtin__", "slice"), ("builtins", "slice"),
-    ("_codecs", "encode"),  # protocol-2 pickles written by Python 3 store bytes this way
-}
-_NUMPY_GLOBALS = {"_reconstruct", "scalar", "ndarray", "dtype", "_frombuffer"}
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
     def __init__(self, file, where: str):
-        super().__init__(file, encoding="latin1")
-        self.where = where
+        super().__init__(file, where, holds="numpy, chumpy and scipy.sparse arrays (an SMPL model file)")
 
-    def find_class(self, module, name):
+    def resolve(self, module, name):
         if module.split(".")[0] == "chumpy":
             return _ChumpyArray._subclass(module, name)
         if module.startswith("scipy.sparse") and name.split("_")[0] in ("csc", "csr", "coo"):
             return _SparseMatrix._subclass(module, name)
-        if module in ("numpy", "numpy.core.multiarray", "numpy._core.multiarray", "numpy.core.numeric",
-                      "numpy._core.numeric") and name in _NUMPY_GLOBALS | {"dtype"}:
-            target = np if module == "numpy" else _numpy_core(module)
-            return getattr(target, name)
-        if (module, name) in _SAFE_GLOBALS:
-            return super().find_class(module, name)
-        raise UserError(f"{self.where}: refusing to load class {module}.{name} from a pickle "
-                        "(an SMPL model file holds only numpy, chumpy and scipy.sparse arrays)")
+        return super().resolve(module, name)
 
 
 def _to_plain(value, where: str):
@@ -134,7 +110,7 @@ def load_smpl_pkl(path: str | os.PathLike) -> dict:
     where = str(path)
     try:
         with open(path, "rb") as handle:
-            raw = _RestrictedUnpickler(handle, where).load()
+            raw = _SmplUnpickler(handle, where).load()
     except FileNotFoundError:
         raise
     except UserError:

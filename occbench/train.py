@@ -420,7 +420,33 @@ def learning_rate(cfg: TrainConfig, step: int) -> float:
 
 
 def _rng_state(gen):
-    return {"gen": gen.get_state(), "torch": torch.get_rng_state(), "numpy": np.random.get_state()}
+    """RNG states as tensors and numbers only, so the resume state loads with ``weights_only=True``."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"gen": gen.get_state(), "torch": torch.get_rng_state(),
+            "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
+
+
+def _set_rng_state(gen, rng: dict) -> None:
+    gen.set_state(rng["gen"])
+    torch.set_rng_state(rng["torch"])
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+
+
+def _load_state(state_path: Path, device) -> dict:
+    """The resume state, read without running pickled code (``weights_only``: tensors and plain values)."""
+    import pickle
+    import re
+    try:
+        return torch.load(state_path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as err:
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        why = (f"it names {found.group(1)}, which a resume state never holds" if found
+               else f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}")
+        raise UserError(f"--resume: refusing {state_path} ({why}; occbench reads it without running pickled "
+                        "code); delete it and start again without --resume") from None
 
 
 def _state_path(out: Path) -> Path:
@@ -469,16 +495,14 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
     if resume:
         if not state_path.is_file():
             raise UserError(f"--resume: no resume state {state_path}; start without --resume")
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = _load_state(state_path, device)
         if state["config"] != _config_key(cfg):
             diff = {k: (state["config"].get(k), v) for k, v in _config_key(cfg).items()
                     if state["config"].get(k) != v}
             raise UserError(f"--resume: {state_path} was made with other settings (stored vs now: {diff})")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-        gen.set_state(state["rng"]["gen"])
-        torch.set_rng_state(state["rng"]["torch"])
-        np.random.set_state(state["rng"]["numpy"])
+        _set_rng_state(gen, state["rng"])
         step, history = int(state["step"]), list(state["history"])
         seconds_before = state.get("seconds", math.nan)   # NaN: a state written before times were stored
     else:

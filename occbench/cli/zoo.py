@@ -105,7 +105,7 @@ def check_checkpoint(model_name, file, option_pairs, allow_partial, data_dir, as
         click.echo(report.describe())
     if report.ok:
         return
-    if allow_partial and report.loaded:
+    if allow_partial and report.loaded and not report.nonfinite:
         click.echo(f"--allow-partial: {len(report.loaded)} of {report.n_model_tensors} tensors would load; "
                    "results from it are labelled partial")
         return

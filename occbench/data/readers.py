@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from occbench import safe_pickle
 from occbench.data.base import Records, normalize_gender
 from occbench.data.crop import DEFAULT_BBOX_FACTOR, bbox_from_keypoints
 from occbench.data.joints import (HUMANDATA_NUM_KEYPOINTS, HUMANDATA_TO_J14_CANDIDATES, J24_HEAD_TOP_LSP,
@@ -28,17 +29,49 @@ SUBSETS = (None, "test", "occ")
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def load_npz(path, allow_pickle: bool = False) -> dict:
-    """All arrays of an npz as a dict; a truncated/corrupt file -> UserError naming it."""
+def load_npz(path, object_arrays: bool = False) -> dict:
+    """All arrays of an npz as a dict; a truncated/corrupt file -> UserError naming it.
+
+    object_arrays: also read arrays of Python objects (HumanData's dicts). Those are stored as pickles, so
+    they are read with occbench's restricted unpickler (numpy arrays and plain values only; anything else
+    is refused), never with ``allow_pickle=True``.
+    """
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: annotation file not found")
+    out = {}
     try:
-        with np.load(path, allow_pickle=allow_pickle) as npz:
-            return {k: npz[k] for k in npz.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError) as err:
+        with np.load(path, allow_pickle=False) as npz:
+            for key in npz.files:
+                try:
+                    out[key] = npz[key]
+                except ValueError as err:
+                    if "allow_pickle" not in str(err):
+                        raise
+                    if not object_arrays:
+                        raise UserError(f"{path}: key {key!r} holds Python objects (a pickle), which this "
+                                        "format does not have; pass the right file") from None
+                    out[key] = _object_array(npz.zip, key, path)
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, pickle.UnpicklingError) as err:
         raise UserError(f"{path}: cannot read this npz ({type(err).__name__}: {err}); the file is truncated "
                         "or not an npz -- download or generate it again") from None
+    return out
+
+
+def _object_array(archive: zipfile.ZipFile, key: str, path) -> np.ndarray:
+    """One object array of an npz, unpickled with the restricted unpickler (.npy header, then a pickle)."""
+    from numpy.lib import format as npy
+
+    with archive.open(f"{key}.npy") as member:
+        version = npy.read_magic(member)
+        read_header = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(member)
+        if not dtype.hasobject:
+            raise ValueError(f"key {key!r}: unexpected non-object array behind a pickle error")
+        array = safe_pickle.load(member, where=f"{path} [{key}]")
+    if not isinstance(array, np.ndarray) or array.shape != tuple(shape):
+        raise ValueError(f"key {key!r}: the pickled object array does not match its header {shape}")
+    return array
 
 
 def require(data: dict, keys, path, fmt: str) -> None:
@@ -189,7 +222,8 @@ def read_spin_npz(path, image_root=None, subset: str | None = None, gt3d: str = 
 def _load_pkl(path: Path) -> dict:
     try:
         with open(path, "rb") as handle:
-            data = pickle.load(handle, encoding="latin1")
+            data = safe_pickle.load(handle, where=str(path), holds="numpy arrays, lists and strings (a 3DPW "
+                                                                  "sequence file)")
     except (pickle.UnpicklingError, EOFError, OSError, ValueError, AttributeError, ImportError) as err:
         raise UserError(f"{path}: cannot read this 3DPW sequence file ({type(err).__name__}: {err}); it is "
                         "truncated or not a 3DPW pickle -- download sequenceFiles.zip again") from None
@@ -321,7 +355,7 @@ def read_humandata(path, image_root=None, bbox_factor: float = 1.0,
     gendered body model; GT 2D from keypoints2d (HUMAN_DATA convention, masks applied).
     """
     path = Path(path)
-    data = load_npz(path, allow_pickle=True)
+    data = load_npz(path, object_arrays=True)
     require(data, ["image_path", "bbox_xywh", "smpl"], path, "HumanData npz")
     names = [decode_str(x) for x in data["image_path"]]
     n = len(names)
