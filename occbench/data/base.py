@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from occbench.data.crop import CROP_SIZE, crop_image, transform_points
+from occbench.data.images import MIN_BOX_COVERAGE, ImageError, box_coverage, read_image
 from occbench.data.joints import H36M_PELVIS, LSP14_LEFT_HIP, LSP14_RIGHT_HIP
 from occbench.data.sample import Sample
 from occbench.errors import UserError
@@ -237,16 +238,14 @@ class Dataset:
         return BadSample(f"{self.name}: sample {i} ({sid}): {what}", sample_id=sid, index=i)
 
     def load_image(self, i: int) -> np.ndarray:
-        """Full source image of sample i, (H,W,3) uint8 RGB."""
-        import cv2
-
+        """Full source image of sample i, (H,W,3) uint8 RGB (checked: :mod:`occbench.data.images`)."""
         path = self.records.image_paths[i]
-        image = cv2.imread(str(path), cv2.IMREAD_COLOR) if os.path.isfile(path) else None
-        if image is None:
-            state = "unreadable (corrupt or not an image)" if os.path.isfile(path) else "missing"
-            raise self._bad(i, f"image {path} is {state}; put the dataset's images there "
-                               f"(or pass image_root=/the/folder/holding/them)")
-        return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+        try:
+            return read_image(path)
+        except ImageError as err:
+            hint = (" (put the dataset's images there or pass image_root=/the/folder/holding/them)"
+                    if not os.path.isfile(path) else "")
+            raise self._bad(i, f"{err}{hint}") from None
 
     def part_labels(self, i: int) -> np.ndarray | None:
         """(crop,crop) uint8 part-label crop of sample i (0 background, 1..24 SMPL part + 1), for PARE-style
@@ -284,6 +283,11 @@ class Dataset:
             raise self._bad(i, "3D joints ('S') contain NaN/inf; fix or drop this row of the annotation file")
 
         image = self.load_image(i)
+        coverage = box_coverage(image.shape, center, scale)
+        if coverage < MIN_BOX_COVERAGE:
+            raise self._bad(i, f"image {r.image_paths[i]} ({image.shape[1]} x {image.shape[0]} px) covers only "
+                               f"{coverage:.1%} of the sample's box (side {200 * scale:.0f} px at "
+                               f"{np.round(center, 1).tolist()}); is it the image the annotation was made on?")
         crop = crop_image(image, center, scale, self.crop_size)
 
         joints3d = vertices = joints2d = valid2d = None
