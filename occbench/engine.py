@@ -24,6 +24,7 @@ from pathlib import Path
 
 from occbench import occluders as occ
 from occbench import provenance as prov
+from occbench.checks import check_run_options, safe_folder_name
 from occbench.errors import UserError
 from occbench.evaluate import ChunkContext, evaluate_chunk, load_samples
 from occbench.protocol import Protocol, load_protocol, validate
@@ -66,7 +67,7 @@ def _replay_windows(replay_dir, protocol: Protocol | None, seed: int | None):
     return replayed, source.config["seed"], only, info, source.config.get("textures")
 
 
-def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int = 0, batch_size: int | None = None,
+def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = None, batch_size: int | None = None,
                  precision: str = "fp32", memory_format: str = "auto", limit: int | None = None,
                  max_windows: int | None = None,
                  shard: str | Shard | None = None, replay=None, dtd_root=None, voc_root=None,
@@ -77,9 +78,12 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int = 0, batch
     model: a ZooModel (from :func:`occbench.load_model`); dataset: from :func:`occbench.open_dataset`;
     protocol: a :class:`Protocol`, a built-in name or a TOML path. replay: a finished run directory whose
     per-sample worst windows are evaluated (transfer of an adversarial set); the protocol and seed are
-    then taken from that run. Shard: "k/N". chunk_samples: samples per resumable chunk (default from the
-    windows per sample). Returns the run directory path.
+    then taken from that run (leave ``seed`` out; without replay it defaults to 0). Shard: "k/N".
+    chunk_samples: samples per resumable chunk (default from the windows per sample). Returns the run
+    directory path.
     """
+    check_run_options(seed=seed, batch_size=batch_size, limit=limit, max_windows=max_windows, replay=replay)
+    seed = 0 if seed is None else seed
     replay_info, replay_textures = None, None
     only = None
     if replay is not None:
@@ -87,6 +91,7 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int = 0, batch
         protocol, seed, only, replay_info, replay_textures = _replay_windows(replay, given, seed)
     else:
         protocol = load_protocol(protocol, **(protocol_overrides or {}))
+    protocol.check_input_size(int(getattr(model, "input_size", 224)))
     shard = Shard.parse(shard) if not isinstance(shard, Shard) else shard
     device = next(model.parameters()).device
     input_size = int(getattr(model, "input_size", 224))
@@ -117,7 +122,8 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int = 0, batch
         tag = f"-shard{shard.index}of{shard.count}" if shard else ""
         tag += f"-limit{limit}" if limit else ""
         tag += "-replay" if replay is not None else ""
-        out_dir = Path("runs") / f"{model_name}-{protocol.name}-{getattr(dataset, 'name', 'dataset')}-s{seed}{tag}"
+        out_dir = Path("runs") / safe_folder_name(
+            f"{model_name}-{protocol.name}-{getattr(dataset, 'name', 'dataset')}-s{seed}{tag}")
     out_dir = Path(out_dir)
 
     runner = Runner(model, precision=precision,

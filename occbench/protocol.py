@@ -31,6 +31,7 @@ import numpy as np
 from occbench import occluders as occ
 from occbench import voc
 from occbench import windows as win
+from occbench.checks import check_finite, check_name
 from occbench.errors import UserError
 
 KINDS = ("clean", "occsens", "advocc", "hkmr", "voc")
@@ -41,6 +42,10 @@ DOC_BAR_WIDTH = (10, 20, 30, 40, 50)
 DOC_CIRCLE_RADIUS = (10, 20, 30, 40, 50)
 DOC_RECT_AREA = (3000, 6000, 9000, 12000, 15000)
 N_JOINTS = 14
+# Limits on sizes: above them a run would take days or draw nothing useful (README "What occbench checks")
+MAX_COPIES = 10_000               # copies per sample (hkmr random-joint, voc)
+MAX_WINDOWS_PER_SAMPLE = 100_000  # windows per sample at 224 px (stride 1 with size 1 is 50,176)
+MAX_OBJECTS = 50                  # voc objects per window
 
 CHOICES = {
     "kind": KINDS,
@@ -137,6 +142,19 @@ class Protocol:
         if self.kind == "hkmr" and self.placement == "each-joint":
             return len(self.patterns) * len(self.docs) * N_JOINTS
         return self.copies
+
+    def check_input_size(self, input_size: int) -> None:
+        """Refuse a protocol whose lengths round to 0 px at the model's input size (lengths are given at 224
+        px and scaled by input_size / 224, rounded half up): a 0 px stride or occluder is no protocol."""
+        lengths = {"occsens": ("size", "stride"), "advocc": ("size", "stride"), "hkmr": ("bar_length",)}
+        for name in lengths.get(self.kind, ()):
+            if name == "bar_length" and "bar" not in self.patterns:
+                continue
+            value = getattr(self, name)
+            if win.scale_px(value, input_size) < 1:
+                smallest = math.ceil(win.CANONICAL_SIZE / 2 / input_size)
+                raise UserError(f"protocol {self.name!r}: field {name!r} = {value!r} rounds to 0 px at the model's "
+                                f"input size {input_size} px ({value} x {input_size}/224); use {name} >= {smallest}")
 
     def windows(self, sample_id: str, input_size: int, seed: int, joints2d=None, joints2d_valid=None,
                 textures: "occ.TextureBank | None" = None, only=None) -> dict:
@@ -294,12 +312,14 @@ def _check_type(name, value, default, origin):
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise bad("a number")
         value = float(value)
+        check_finite(value, name, origin)
     elif isinstance(default, str):
         if not isinstance(value, str):
             raise bad("a string")
     elif isinstance(default, list):
         if not isinstance(value, list):
             raise bad("a list")
+        check_finite(value, name, origin)
     return value
 
 
@@ -317,6 +337,7 @@ def validate(data: dict, origin: str = "protocol") -> Protocol:
         values[name] = _check_type(name, value, defaults[name], origin)
         if name in CHOICES and values[name] not in CHOICES[name]:
             raise UserError(f"{origin}: field {name!r} = {value!r} is not one of {', '.join(CHOICES[name])}")
+    check_name(values["name"], f"{origin}: field 'name' =")
     protocol = Protocol(**values)
     _check_values(protocol, origin)
     return protocol
@@ -327,8 +348,8 @@ def _check_values(p: Protocol, origin: str) -> None:
         raise UserError(f"{origin}: field {name!r} = {getattr(p, name)!r}: {why}")
     if p.size <= 0 or p.size > win.CANONICAL_SIZE:
         fail("size", "must be in 1..224 (px of the 224 crop)")
-    if p.stride <= 0:
-        fail("stride", "must be a positive number of px")
+    if not 1 <= p.stride <= win.CANONICAL_SIZE:
+        fail("stride", "must be in 1..224 (px of the 224 crop)")
     if len(p.fill_color) != 3 or not all(isinstance(c, (int, float)) and 0 <= c <= 1 for c in p.fill_color):
         fail("fill_color", "must be [r, g, b] with values in [0, 1]")
     if not p.patterns or any(x not in PATTERNS for x in p.patterns):
@@ -341,16 +362,23 @@ def _check_values(p: Protocol, origin: str) -> None:
             fail(name, "must be a range [low, high] of two numbers with low <= high")
     if p.rect_aspect[0] <= 0:
         fail("rect_aspect", "aspect ratios must be positive")
-    if p.copies < 1:
-        fail("copies", "must be >= 1")
+    if not 1 <= p.copies <= MAX_COPIES:
+        fail("copies", f"must be in 1..{MAX_COPIES}")
     if not 1 <= p.min_objects <= p.max_objects:
         fail("min_objects", "need 1 <= min_objects <= max_objects")
-    if p.bar_length <= 0 or p.jitter < 0:
-        fail("bar_length" if p.bar_length <= 0 else "jitter", "must be positive")
+    if p.max_objects > MAX_OBJECTS:
+        fail("max_objects", f"must be in 1..{MAX_OBJECTS}")
+    if not 0 < p.bar_length <= 10 * win.CANONICAL_SIZE:
+        fail("bar_length", f"must be in (0, {10 * win.CANONICAL_SIZE}] px")
+    if not 0 <= p.jitter <= win.CANONICAL_SIZE:
+        fail("jitter", f"must be in [0, {win.CANONICAL_SIZE}] px")
     if p.kind == "advocc" and p.fill != "texture":
         fail("fill", "advocc protocols use fill = 'texture'")
-    if p.pckh_threshold <= 0:
-        fail("pckh_threshold", "must be positive")
+    if not 0 < p.pckh_threshold <= 10:
+        fail("pckh_threshold", "must be in (0, 10] (a fraction of the head size)")
+    n_windows = p.n_windows(win.CANONICAL_SIZE)
+    if n_windows is not None and n_windows > MAX_WINDOWS_PER_SAMPLE:
+        fail("kind", f"makes {n_windows} windows per sample, above the limit of {MAX_WINDOWS_PER_SAMPLE}")
 
 
 def builtin_names() -> list[str]:

@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from occbench.assets import MissingAssetError, asset_dir
+from occbench.errors import UserError
 from occbench.models import build_model, get_entry
 
 
@@ -44,6 +45,49 @@ def training_sidecar(checkpoint) -> dict:
         **{k: info.get(k) for k in ("model", "options", "steps", "seed", "batch_size", "lr", "occbench_version")}}}
 
 
+def model_option_names(name: str) -> tuple[list[str], bool]:
+    """(the options zoo model ``name``'s builder names, whether it also takes further keyword options)."""
+    import importlib
+    import inspect
+
+    module_name, func_name = get_entry(name).builder.split(":")
+    builder = getattr(importlib.import_module(module_name), func_name)
+    params = inspect.signature(builder).parameters.values()
+    named = [p.name for p in params if p.name != "mean_params" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return named, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def check_model_options(name: str, options: dict) -> None:
+    """Refuse an option the model does not have (checked against its builder's signature; builders that
+    pass further options on are checked when they are built, see :func:`_build`)."""
+    named, open_ended = model_option_names(name)
+    unknown = sorted(set(options) - set(named))
+    if unknown and not open_ended:
+        raise UserError(f"--model-option {unknown[0]}={options[unknown[0]]!r}: model {name!r} has no option "
+                        f"{unknown[0]!r}; valid options: {', '.join(named) or 'none'}")
+
+
+def _build(name: str, mean_params, options: dict):
+    """build_model, with an unknown or bad option as a one-line UserError naming it."""
+    import re
+
+    try:
+        return build_model(name, mean_params=mean_params, **options)
+    except TypeError as err:
+        found = re.search(r"unexpected keyword argument '(\w+)'", str(err))
+        if not found or found.group(1) not in options:
+            raise
+        key = found.group(1)
+        named, _ = model_option_names(name)
+        raise UserError(f"--model-option {key}={options[key]!r}: model {name!r} has no option {key!r} "
+                        f"({err}); options of its builder: {', '.join(named) or 'none'}") from None
+    except ValueError as err:
+        if not options:
+            raise
+        raise UserError(f"--model-option {', '.join(f'{k}={v!r}' for k, v in options.items())}: model "
+                        f"{name!r} refuses it: {err}") from None
+
+
 def load_model(name: str, checkpoint: str | os.PathLike | None = None, device=None, *,
                weights: str = "checkpoint", seed: int = 0, smpl_dir=None, data_dir=None,
                checkpoint_dir=None, allow_partial: bool = False, **options):
@@ -56,15 +100,25 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None, device=No
     from occbench.body import load_body_model, load_mean_params
     from occbench.checkpoints import load_checkpoint_into
 
-    entry = get_entry(name)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    body = load_body_model(smpl_dir=smpl_dir, data_dir=data_dir, gender="neutral")
+    from occbench.checks import check_seed, resolve_device
+
+    try:
+        entry = get_entry(name)
+    except KeyError as err:
+        raise UserError(str(err.args[0])) from None
     if weights not in ("checkpoint", "random"):
-        raise ValueError(f"weights must be 'checkpoint' or 'random', not {weights!r}")
+        raise UserError(f"--weights {weights!r}: valid: checkpoint, random")
+    if weights == "random" and checkpoint is not None:
+        raise UserError(f"--weights random with --checkpoint {checkpoint}: random weights ignore the checkpoint; "
+                        "give one of them")
+    check_seed(seed)
+    check_model_options(name, options)
+    device = resolve_device(device)
+    body = load_body_model(smpl_dir=smpl_dir, data_dir=data_dir, gender="neutral")
     if weights == "checkpoint" and checkpoint is None:
         checkpoint = find_checkpoint(name, checkpoint_dir)
     torch.manual_seed(seed)
-    model = build_model(name, mean_params=load_mean_params(data_dir), **options)
+    model = _build(name, load_mean_params(data_dir), options)
     provenance = {"model": name, "options": {**entry.options, **options}, "weights": weights,
                   "seed": seed, "checkpoint": None, "checkpoint_sha256": None}
     if weights == "checkpoint":

@@ -38,7 +38,8 @@ def protocols(verbose):
 @click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE",
               help="Architecture option, e.g. backbone=resnet50 (repeatable).")
 @click.option("--out", "out_dir", default=None, help="Run directory (default runs/<model>-<protocol>-...).")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=None, type=int,
+              help="0..2**32-1, default 0 (a --replay uses the replayed run's seed).")
 @click.option("--batch-size", default=None, type=int, help="Default: measured (fastest on this device).")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--memory-format", type=click.Choice(["auto", "channels_last", "contiguous"]), default="auto",
@@ -69,15 +70,25 @@ def run(model_name, protocol_name, dataset, dataset_root, checkpoint, weights, m
     from occbench.models import model_names
     if model_name not in model_names():
         raise UserError(f"unknown model {model_name!r}; valid names: {', '.join(model_names())}")
+    from occbench.checks import check_run_options
+    check_run_options(seed=seed, batch_size=batch_size, limit=limit, max_windows=max_windows, replay=replay)
+    if weights == "random" and checkpoint is not None:
+        raise UserError(f"--weights random with --checkpoint {checkpoint}: random weights ignore the checkpoint; "
+                        "give one of them")
     protocol_overrides = dict(parse_override(o) for o in overrides)
-    if protocol_name:   # fail on a bad protocol before loading the model
-        from occbench.protocol import load_protocol
-        load_protocol(protocol_name, **protocol_overrides)
     options = dict(parse_override(o) for o in model_options)
+    from occbench.zoo import check_model_options
+    check_model_options(model_name, options)
+    if protocol_name:   # fail on a bad protocol before loading the model
+        from occbench.models import get_entry
+        from occbench.protocol import load_protocol
+        input_size = options.get("input_size", get_entry(model_name).input_size)
+        load_protocol(protocol_name, **protocol_overrides).check_input_size(int(input_size))
     from occbench.data import open_dataset
     from occbench.engine import run_protocol
     from occbench.zoo import load_model
-    model = load_model(model_name, checkpoint=checkpoint, device=device, weights=weights, seed=seed, **options)
+    model = load_model(model_name, checkpoint=checkpoint, device=device, weights=weights,
+                       seed=0 if seed is None else seed, **options)
     data = open_dataset(dataset, root=dataset_root)
     run_dir = run_protocol(model, data, protocol_name, out_dir, seed=seed, batch_size=batch_size,
                            precision=precision, memory_format=memory_format, limit=limit, max_windows=max_windows,
