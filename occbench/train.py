@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from occbench.checks import check_seed, resolve_device
 from occbench.errors import UserError
 
 TRAINED_ON_SYNTHETIC = "synthetic stand-in data, not comparable to published numbers"
@@ -474,6 +475,10 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
 
     if cfg.steps < 1 or cfg.batch_size < 1 or not cfg.lr > 0:
         raise UserError("steps and batch size must be >= 1 and lr > 0")
+    check_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    if cfg.limit is not None and cfg.limit < 1:
+        raise UserError(f"--limit {cfg.limit!r}: must be an integer >= 1 (leave it out for every sample)")
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise UserError(f"unknown learning-rate schedule {cfg.lr_schedule!r}; use one of {LR_SCHEDULES}")
     out = Path(cfg.out)
@@ -481,7 +486,6 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
         out.parent.mkdir(parents=True, exist_ok=True)
     if cfg.num_threads:
         torch.set_num_threads(int(cfg.num_threads))
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, entry = _build(cfg, device)            # a bad model name or option fails before data loading
     if dataset is None:
         dataset = open_dataset(cfg.dataset)

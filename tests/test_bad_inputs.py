@@ -75,6 +75,16 @@ def test_device_cuda_without_gpu(capsys, tmp_path):
         assert_refused(RUN + ["--device", "cuda"], capsys, tmp_path, "--device 'cuda'", "no CUDA GPU")
 
 
+@pytest.mark.parametrize("extra, needles", [
+    (["--seed", "-1"], ["--seed -1", "0..4294967295"]),
+    (["--limit", "0"], ["--limit 0", ">= 1"]),
+    (["--device", "foo"], ["--device 'foo'", "cpu, cuda"]),
+])
+def test_train_options_are_checked(extra, needles, capsys, tmp_path):
+    args = ["train", "-m", "pare-demo", "-d", "demo", "--steps", "1", "--out", "out/ck.pt", "--no-progress"]
+    assert_refused(args + extra, capsys, tmp_path, *needles)
+
+
 # ------------------------------------------------------------------------------------------ protocol fields
 @pytest.mark.parametrize("protocol, override, needles", [
     ("occsens40", "pckh_threshold=nan", ["'pckh_threshold'", "nan", "finite"]),
