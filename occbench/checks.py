@@ -82,9 +82,18 @@ def resolve_device(device=None):
     return resolved
 
 
+def short_repr(value, limit: int = 80) -> str:
+    """repr for a one-line message: a long list is cut, with its length."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    return text[:limit - 20] + f"... ({len(value)} items)" if hasattr(value, "__len__") else text[:limit] + "..."
+
+
 def check_finite(value, name: str, origin: str) -> None:
     """A number, or each number of a list, must be finite (NaN compares false with every bound)."""
     items = value if isinstance(value, list) else [value]
     for item in items:
         if isinstance(item, float) and not math.isfinite(item):
-            raise UserError(f"{origin}: field {name!r} = {value!r}: must be finite (NaN and inf are not valid values)")
+            raise UserError(f"{origin}: field {name!r} = {short_repr(value)}: must be finite "
+                            "(NaN and inf are not valid values)")

@@ -31,7 +31,7 @@ import numpy as np
 from occbench import occluders as occ
 from occbench import voc
 from occbench import windows as win
-from occbench.checks import check_finite, check_name
+from occbench.checks import check_finite, check_name, short_repr
 from occbench.errors import UserError
 
 KINDS = ("clean", "occsens", "advocc", "hkmr", "voc")
@@ -345,7 +345,7 @@ def validate(data: dict, origin: str = "protocol") -> Protocol:
 
 def _check_values(p: Protocol, origin: str) -> None:
     def fail(name, why):
-        raise UserError(f"{origin}: field {name!r} = {getattr(p, name)!r}: {why}")
+        raise UserError(f"{origin}: field {name!r} = {short_repr(getattr(p, name))}: {why}")
     if p.size <= 0 or p.size > win.CANONICAL_SIZE:
         fail("size", "must be in 1..224 (px of the 224 crop)")
     if not 1 <= p.stride <= win.CANONICAL_SIZE:
@@ -378,7 +378,8 @@ def _check_values(p: Protocol, origin: str) -> None:
         fail("pckh_threshold", "must be in (0, 10] (a fraction of the head size)")
     n_windows = p.n_windows(win.CANONICAL_SIZE)
     if n_windows is not None and n_windows > MAX_WINDOWS_PER_SAMPLE:
-        fail("kind", f"makes {n_windows} windows per sample, above the limit of {MAX_WINDOWS_PER_SAMPLE}")
+        fail("stride" if p.kind in ("occsens", "advocc") else "docs",
+             f"makes {n_windows} windows per sample, above the limit of {MAX_WINDOWS_PER_SAMPLE}")
 
 
 def builtin_names() -> list[str]:

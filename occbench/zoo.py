@@ -59,15 +59,15 @@ def model_option_names(name: str) -> tuple[list[str], bool]:
 
 def check_model_options(name: str, options: dict) -> None:
     """Refuse an option the model does not have (checked against its builder's signature; builders that
-    pass further options on are checked when they are built, see :func:`_build`)."""
+    pass further options on are checked when they are built, see :func:`build_with_options`)."""
     named, open_ended = model_option_names(name)
     unknown = sorted(set(options) - set(named))
     if unknown and not open_ended:
-        raise UserError(f"--model-option {unknown[0]}={options[unknown[0]]!r}: model {name!r} has no option "
+        raise UserError(f"--model-option/-o {unknown[0]}={options[unknown[0]]!r}: model {name!r} has no option "
                         f"{unknown[0]!r}; valid options: {', '.join(named) or 'none'}")
 
 
-def _build(name: str, mean_params, options: dict):
+def build_with_options(name: str, mean_params, options: dict):
     """build_model, with an unknown or bad option as a one-line UserError naming it."""
     import re
 
@@ -79,12 +79,12 @@ def _build(name: str, mean_params, options: dict):
             raise
         key = found.group(1)
         named, _ = model_option_names(name)
-        raise UserError(f"--model-option {key}={options[key]!r}: model {name!r} has no option {key!r} "
+        raise UserError(f"--model-option/-o {key}={options[key]!r}: model {name!r} has no option {key!r} "
                         f"({err}); options of its builder: {', '.join(named) or 'none'}") from None
     except ValueError as err:
         if not options:
             raise
-        raise UserError(f"--model-option {', '.join(f'{k}={v!r}' for k, v in options.items())}: model "
+        raise UserError(f"--model-option/-o {', '.join(f'{k}={v!r}' for k, v in options.items())}: model "
                         f"{name!r} refuses it: {err}") from None
 
 
@@ -118,7 +118,7 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None, device=No
     if weights == "checkpoint" and checkpoint is None:
         checkpoint = find_checkpoint(name, checkpoint_dir)
     torch.manual_seed(seed)
-    model = _build(name, load_mean_params(data_dir), options)
+    model = build_with_options(name, load_mean_params(data_dir), options)
     provenance = {"model": name, "options": {**entry.options, **options}, "weights": weights,
                   "seed": seed, "checkpoint": None, "checkpoint_sha256": None}
     if weights == "checkpoint":

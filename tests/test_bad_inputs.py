@@ -102,6 +102,7 @@ def test_train_options_are_checked(extra, needles, capsys, tmp_path):
     ("occsens40", "stride=0", ["'stride' = 0", "1..224"]),
     ("occsens40", "name=../../escaped", ["'name'", "../../escaped", "letters, digits"]),
     ("occsens40", "name=.hidden", ["'name'", ".hidden"]),
+    ("bar-doc1", "docs=[" + ", ".join(["1"] * 10000) + "]", ["'docs'", "(10000 items)", "140000 windows", "100000"]),
 ])
 def test_protocol_fields_are_checked(protocol, override, needles, capsys, tmp_path):
     args = ["run", "-m", "pare-demo", "-p", protocol, "--set", override, "--no-progress"]

@@ -85,7 +85,8 @@ def check_checkpoint(model_name, file, option_pairs, allow_partial, data_dir, as
     """Compare checkpoint FILE with zoo model --model key by key: prints OK with the counts, or every
     missing, unexpected, mis-shaped key by name. Exit status 0 when it matches, 1 otherwise."""
     from occbench.checkpoints import check_checkpoint as compare
-    from occbench.models import build_model, get_entry
+    from occbench.models import get_entry
+    from occbench.zoo import build_with_options
 
     try:
         entry = get_entry(model_name)
@@ -96,7 +97,7 @@ def check_checkpoint(model_name, file, option_pairs, allow_partial, data_dir, as
     if data_dir is not None:
         from occbench.body import load_mean_params
         mean_params = load_mean_params(data_dir)
-    model = build_model(model_name, mean_params=mean_params, **options)
+    model = build_with_options(model_name, mean_params, options)
     report = compare(model, file, strip_prefixes=entry.strip_prefixes, known_unused=entry.known_unused)
     report.model = model_name
     if as_json:
