@@ -8,7 +8,7 @@ import torch
 
 from occbench.assets import MissingAssetError, asset_dir
 from occbench.errors import UserError
-from occbench.models import build_model, get_entry
+from occbench.models import get_entry
 
 
 def find_checkpoint(name: str, checkpoint_dir=None) -> Path:
@@ -70,6 +70,8 @@ def check_model_options(name: str, options: dict) -> None:
 def build_with_options(name: str, mean_params, options: dict):
     """build_model, with an unknown or bad option as a one-line UserError naming it."""
     import re
+
+    from occbench.models import build_model   # looked up at call time (tests replace it)
 
     try:
         return build_model(name, mean_params=mean_params, **options)
