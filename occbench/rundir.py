@@ -14,6 +14,13 @@ Layout::
       joints.parquet, samples.parquet, failed.parquet, predictions.parquet   all chunks in order (at the end)
       metrics.json              the run's numbers (clean / occluded / worst window, per joint, per pattern/DoC)
 
+Safety (README "What occbench checks"): the directory is locked while a process writes it (``.lock``, an
+advisory ``flock`` that the kernel releases when the process dies, holding who took it); each ``.done`` marker
+stores the sha256 of the chunk's files and the run's identity, so a damaged chunk is found on resume, removed,
+recomputed and reported, and a damaged run.json can be rebuilt from a matching command; orphan ``*.tmp*``
+files of a killed write are removed; OS errors (``--out`` is a file, not writable, disk full) are one-line
+errors, and what was written stays resumable.
+
 Samples are cut into fixed chunks of ``chunk_samples`` consecutive dataset indices; chunk ``c`` belongs to
 shard ``k`` of ``N`` when ``c % N == k``. Each chunk file is written to a temporary name and renamed, and the
 ``.done`` marker is renamed into place last, so a run killed at any point (kill -9) loses at most the chunk
@@ -22,9 +29,13 @@ chunks concatenated in chunk order, so a resumed run, a single run and merged sh
 """
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -156,13 +167,35 @@ def read_metrics(run_path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
+def _os_error(path: Path, err: OSError, doing: str) -> UserError:
+    """One line for an OS error while writing a run: what failed, why, and that the run stays resumable."""
+    if err.errno == errno.ENOSPC:
+        why = "the disk is full; free space and run the same command again to resume"
+    elif err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        why = "permission denied; pass a writable --out (or fix the folder's permissions) and run again"
+    else:
+        why = f"{err.strerror or err}; fix it and run the same command again to resume"
+    return UserError(f"{doing} {path}: {why}")
+
+
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        _discard(tmp)
+        raise _os_error(path, err, "cannot write") from None
+
+
+def _discard(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -182,51 +215,180 @@ def _json_default(value):
     return str(value)
 
 
-def _atomic_write_table(table: pa.Table, path: Path) -> None:
+def _atomic_write_table(table: pa.Table, path: Path) -> str:
+    """Write ``table`` to ``path`` atomically; return the file's sha256."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        pq.write_table(table, tmp, compression="zstd")
+        with open(tmp, "rb") as handle:
+            digest = hashlib.sha256(handle.read()).hexdigest()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        _discard(tmp)
+        raise _os_error(path, err, "cannot write") from None
+    return digest
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.sha256(handle.read()).hexdigest()
+
+
+def identity_of(config: dict) -> str:
+    """sha256 (16 hex) of everything that must match for a resume: the identity keys, shard and limit."""
+    keep = {key: config.get(key) for key in IDENTITY_KEYS + ("shard", "limit")}
+    return hashlib.sha256(json.dumps(_canon(keep), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class RunLock:
+    """Advisory lock on ``RUN_DIR/.lock`` held while one process writes the run.
+
+    ``flock`` is released by the kernel when the holder dies (even ``kill -9``), so a crash never leaves a
+    stale lock on a local disk. The file says who holds it, for the message the second process prints.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path) / ".lock"
+        self._handle = None
+
+    def acquire(self) -> "RunLock":
+        import fcntl
+        try:
+            handle = open(self.path, "a+")
+        except OSError as err:
+            raise _os_error(self.path.parent, err, "cannot use run directory") from None
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise UserError(f"{self.path.parent} is being written by {holder}; wait for it to finish or "
+                            "pass another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since "
+                     f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\n")
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def release(self) -> None:
+        if self._handle is not None:
+            import fcntl
+            self._handle.seek(0)
+            self._handle.truncate()
+            fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+
+    @property
+    def held(self) -> bool:
+        return self._handle is not None
+
+
+def _prepare_folder(path: Path) -> None:
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--out {path} is a file, not a folder; pass a folder for the run directory")
+    try:
+        (path / "chunks").mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise _os_error(path, err, "cannot create run directory") from None
+    if not os.access(path, os.W_OK) or not os.access(path / "chunks", os.W_OK):
+        raise UserError(f"cannot write run directory {path}: permission denied; pass a writable --out "
+                        "(or fix the folder's permissions) and run again")
 
 
 class RunDir:
-    """A run directory on disk. ``config`` is the run.json content."""
+    """A run directory on disk. ``config`` is the run.json content.
+
+    ``recomputed`` lists (chunk, reason) for every damaged chunk found on resume (it was removed and will be
+    computed again); ``cleaned`` the orphan temporary files removed.
+    """
 
     def __init__(self, path, config: dict):
         self.path = Path(path)
         self.config = config
+        self.lock = RunLock(self.path)
+        self.recomputed: list[tuple[int, str]] = []
+        self.cleaned: list[str] = []
 
     # ------------------------------------------------------------------ open / create
     @classmethod
-    def open_or_create(cls, path, config: dict) -> "RunDir":
+    def open_or_create(cls, path, config: dict, lock: bool = True) -> "RunDir":
         """Create ``path`` with ``config``, or reopen it when it holds the same run (resume).
 
-        A directory holding a different run (any identity key differs) is a UserError naming the key.
+        The directory is locked (:class:`RunLock`) until :meth:`close`. A directory holding a different run
+        (any identity key differs) is a UserError naming the key; nothing in it is changed. A run.json that
+        cannot be read is rebuilt from ``config`` only when every complete chunk was written by this same run
+        (same identity); otherwise it is a UserError.
         """
         path = Path(path)
-        run_json = path / RUN_JSON
+        _prepare_folder(path)
+        run = cls(path, config)
+        if lock:
+            run.lock.acquire()
+        try:
+            run._open(config)
+        except BaseException:
+            run.close()
+            raise
+        return run
+
+    def _open(self, config: dict) -> None:
+        run_json = self.path / RUN_JSON
+        self._clean_orphans()
         if run_json.is_file():
-            old = json.loads(run_json.read_text())
+            try:
+                old = json.loads(run_json.read_text())
+                if not isinstance(old, dict):
+                    raise ValueError("not a JSON object")
+            except (OSError, ValueError) as err:
+                old = self._recover_config(config, err)
             for key in IDENTITY_KEYS + ("shard", "limit"):
                 if _canon(old.get(key)) != _canon(config.get(key)):
                     raise UserError(
-                        f"{path} holds a different run ({key} differs: {old.get(key)!r} there, "
+                        f"{self.path} holds a different run ({key} differs: {old.get(key)!r} there, "
                         f"{config.get(key)!r} now); pass another --out or delete that directory")
-            merged = {**old, "resumed": old.get("resumed", 0) + 1}
-            run = cls(path, merged)
-            write_json(run_json, merged)
-            return run
-        (path / "chunks").mkdir(parents=True, exist_ok=True)
-        write_json(run_json, config)
-        return cls(path, config)
+            self.config = {**old, "resumed": old.get("resumed", 0) + 1}
+        else:
+            self.config = config
+        write_json(run_json, self.config)
+
+    def _recover_config(self, config: dict, err: Exception) -> dict:
+        identity = identity_of(config)
+        markers = sorted((self.path / "chunks").glob("chunk-*.done"))
+        identities = {(_read_marker(m) or {}).get("identity") for m in markers}
+        if markers and identities != {identity}:
+            raise UserError(f"{self.path / 'run.json'} is damaged ({err}) and its chunks were not written by this "
+                            "command's run; pass another --out, or delete that directory to start again")
+        self.recomputed.append((-1, f"run.json was damaged ({err}); rebuilt from this command "
+                                    f"({len(markers)} complete chunks of the same run kept)"))
+        return config
+
+    def _clean_orphans(self) -> None:
+        for folder in (self.path, self.path / "chunks"):
+            for tmp in folder.glob("*.tmp*"):
+                if tmp.is_file():
+                    _discard(tmp)
+                    self.cleaned.append(tmp.name)
+
+    def close(self) -> None:
+        """Release the lock (also released by the kernel if the process dies)."""
+        self.lock.release()
 
     @classmethod
     def load(cls, path) -> "RunDir":
         path = Path(path)
         if not (path / RUN_JSON).is_file():
             raise UserError(f"{path} is not a run directory (no {RUN_JSON})")
-        return cls(path, read_config(path))
+        try:
+            config = json.loads((path / RUN_JSON).read_text())
+        except (OSError, ValueError) as err:
+            raise UserError(f"{path / 'run.json'} cannot be read ({err}); run the command that made it again "
+                            "with the same --out to rebuild it") from None
+        return cls(path, config)
 
     @staticmethod
     def exists(path) -> bool:
@@ -255,16 +417,64 @@ class RunDir:
     def write_metrics(self, metrics: dict) -> None:
         write_json(self.path / METRICS_JSON, metrics)
 
+    def chunk_problem(self, chunk: int) -> str | None:
+        """None when chunk ``chunk`` is complete and intact, else why not ("missing" when never written)."""
+        marker = self.chunk_path(chunk, "done")
+        if not marker.is_file():
+            return "missing"
+        info = _read_marker(marker)
+        if info is None:
+            return "its .done marker is damaged"
+        expected_identity = identity_of(self.config)
+        if info.get("identity") not in (None, expected_identity):
+            return "it was written by another run"
+        for name in TABLES:
+            file = self.chunk_path(chunk, f"{name}.parquet")
+            if not file.is_file():
+                return f"{file.name} is missing"
+            digest = info.get("files", {}).get(name)
+            if digest is None:   # a marker from before checksums: the file must at least parse
+                try:
+                    pq.read_metadata(file)
+                except Exception as err:   # noqa: BLE001 - any parse failure means a damaged file
+                    return f"{file.name} cannot be read ({type(err).__name__})"
+            elif _sha256(file) != digest:
+                return f"{file.name} does not match its checksum"
+        return None
+
     def has_chunk(self, chunk: int) -> bool:
-        return self.chunk_path(chunk, "done").is_file()
+        """True when the chunk is complete and intact; a damaged chunk is removed, recorded in
+        :attr:`recomputed` and reported as not done (so it is computed again)."""
+        problem = self.chunk_problem(chunk)
+        if problem is None:
+            return True
+        if problem != "missing":
+            self.recomputed.append((chunk, problem))
+            self.remove_chunk(chunk)
+        return False
+
+    def remove_chunk(self, chunk: int) -> None:
+        _discard(self.chunk_path(chunk, "done"))   # first: a half-removed chunk is never taken as done
+        for name in TABLES:
+            _discard(self.chunk_path(chunk, f"{name}.parquet"))
 
     def done_chunks(self) -> list[int]:
-        return sorted(int(p.name.split("-")[1].split(".")[0]) for p in (self.path / "chunks").glob("chunk-*.done"))
+        """Complete and intact chunks (damaged ones are skipped and recorded in :attr:`recomputed`)."""
+        found = sorted(int(p.name.split("-")[1].split(".")[0]) for p in (self.path / "chunks").glob("chunk-*.done"))
+        good = []
+        for chunk in found:
+            problem = self.chunk_problem(chunk)
+            if problem is None:
+                good.append(chunk)
+            else:
+                self.recomputed.append((chunk, problem))
+        return good
 
     def write_chunk(self, chunk: int, tables: dict[str, pa.Table]) -> None:
-        for name in TABLES:
-            _atomic_write_table(tables[name], self.chunk_path(chunk, f"{name}.parquet"))
-        _atomic_write_bytes(self.chunk_path(chunk, "done"), b"ok\n")
+        digests = {name: _atomic_write_table(tables[name], self.chunk_path(chunk, f"{name}.parquet"))
+                   for name in TABLES}
+        marker = {"identity": identity_of(self.config), "files": digests}
+        _atomic_write_bytes(self.chunk_path(chunk, "done"), (json.dumps(marker) + "\n").encode())
 
     def read_chunk(self, chunk: int, table: str) -> pa.Table:
         return pq.read_table(self.chunk_path(chunk, f"{table}.parquet"))
@@ -276,15 +486,34 @@ class RunDir:
             target = table_path(self.path, name)
             tmp = target.with_name(target.name + f".tmp{os.getpid()}")
             writer = None
-            for chunk in chunks:
-                table = self.read_chunk(chunk, name)
+            try:
+                for chunk in chunks:
+                    table = self.read_chunk(chunk, name)
+                    if writer is None:
+                        writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
+                    writer.write_table(table)
                 if writer is None:
-                    writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
-                writer.write_table(table)
-            if writer is None:
-                raise UserError(f"{self.path}: no complete chunk to write {name}.parquet from")
-            writer.close()
-            os.replace(tmp, target)
+                    raise UserError(f"{self.path}: no complete chunk to write {name}.parquet from")
+                writer.close()
+                os.replace(tmp, target)
+            except OSError as err:
+                _discard(tmp)
+                raise _os_error(target, err, "cannot write") from None
+
+
+def _read_marker(path: Path) -> dict | None:
+    """The content of a ``.done`` marker: {} for a marker from before checksums ("ok"), None if damaged."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    if text.strip() == "ok":
+        return {}
+    try:
+        info = json.loads(text)
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) and isinstance(info.get("files", {}), dict) else None
 
 
 def _canon(value):
@@ -292,11 +521,19 @@ def _canon(value):
 
 
 def copy_chunks(source: RunDir, target: RunDir, chunks: list[int]) -> None:
+    """Copy complete chunks between runs of the same identity (shards -> merged run); checksums re-stamped."""
     for chunk in chunks:
+        digests = {}
         for name in TABLES:
             src = source.chunk_path(chunk, f"{name}.parquet")
             dst = target.chunk_path(chunk, f"{name}.parquet")
             tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
-            shutil.copyfile(src, tmp)
-            os.replace(tmp, dst)
-        _atomic_write_bytes(target.chunk_path(chunk, "done"), b"ok\n")
+            try:
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
+            except OSError as err:
+                _discard(tmp)
+                raise _os_error(dst, err, "cannot write") from None
+            digests[name] = _sha256(dst)
+        marker = {"identity": identity_of(target.config), "files": digests}
+        _atomic_write_bytes(target.chunk_path(chunk, "done"), (json.dumps(marker) + "\n").encode())

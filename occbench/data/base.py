@@ -16,6 +16,7 @@ Per-sample problems (missing image, NaNs) raise :class:`BadSample`; the engine r
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -158,6 +159,35 @@ class Dataset:
             self.provenance["body_model"] = getattr(body, "provenance", {})
         else:
             self.conventions["body_model_standin"] = False
+
+    def fingerprint(self) -> str:
+        """sha256 (16 hex) of the annotations by content: every annotation array, the sample ids and the image
+        file names (not their folder, so a moved dataset still resumes; image bytes are not read). A resumed
+        run whose dataset has another fingerprint is refused (README "What occbench checks")."""
+        if getattr(self, "_fingerprint", None) is None:
+            digest = hashlib.sha256()
+
+            def add(name, value):
+                digest.update(name.encode())
+                if value is None:
+                    digest.update(b"none")
+                elif isinstance(value, (list, tuple)) and not (value and isinstance(value[0], np.ndarray)):
+                    items = [Path(str(v)).name if name == "image_paths" else str(v) for v in value]
+                    digest.update(json.dumps(items).encode())
+                else:
+                    array = np.ascontiguousarray(np.asarray(value))
+                    if array.dtype == object:
+                        digest.update(json.dumps([str(v) for v in array.ravel()]).encode())
+                    else:
+                        digest.update(f"{array.dtype.str}{array.shape}".encode() + array.tobytes())
+
+            for name in sorted(self.records.__dict__):
+                if name != "meta":
+                    add(name, getattr(self.records, name))
+            for name in sorted(self.records.meta):
+                add(f"meta.{name}", self.records.meta[name])
+            self._fingerprint = digest.hexdigest()[:16]
+        return self._fingerprint
 
     # ------------------------------------------------------------------ container protocol
     def __len__(self) -> int:
