@@ -129,8 +129,8 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
     runner = Runner(model, precision=precision,
                     memory_format="contiguous" if memory_format == "auto" else memory_format)
     tuned = None
-    if RunDir.exists(out_dir):   # resume: reuse the recorded batch size / format, results stay identical
-        old = read_config(out_dir)
+    old = _readable_config(out_dir)
+    if old is not None:   # resume: reuse the recorded batch size / format, results stay identical
         batch_size = batch_size or old.get("batch_size")
         if memory_format == "auto":
             memory_format = old.get("memory_format", "contiguous")
@@ -151,7 +151,8 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
                   "weights": provenance.get("weights"), "checkpoint": provenance.get("checkpoint"),
                   "checkpoint_sha256": provenance.get("checkpoint_sha256"),
                   "options": provenance.get("options"), **(model_info or {})},
-        "dataset": {"name": getattr(dataset, "name", None), "n_total": n_total},
+        "dataset": {"name": getattr(dataset, "name", None), "n_total": n_total,
+                    "fingerprint": prov.dataset_fingerprint(dataset)},
         "protocol": protocol.params(),
         "protocol_fingerprint": protocol.fingerprint(),
         "seed": int(seed),
@@ -185,11 +186,32 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
         "status": "running",
     }
     run = RunDir.open_or_create(out_dir, {**config, **extra})
-    ctx = ChunkContext(protocol=protocol, runner=runner, input_size=input_size, seed=int(seed),
+    try:
+        return _run_chunks(run, runner, dataset, n_samples, chunk_samples, shard, progress, quiet, ChunkContext(
+protocol=protocol, runner=runner, input_size=input_size, seed=int(seed),
                        batch_size=int(batch_size), pelvis=pelvis, textures=textures, voc=voc, only=only,
-                       max_windows=max_windows)
+                       max_windows=max_windows))
+    finally:
+        run.close()
+
+
+def _readable_config(out_dir) -> dict | None:
+    """The run.json of an existing run in ``out_dir``, None when there is none or it is damaged (then
+    :meth:`RunDir.open_or_create` decides whether it can be rebuilt)."""
+    if not RunDir.exists(out_dir):
+        return None
+    try:
+        return read_config(out_dir)
+    except (OSError, ValueError):
+        return None
+
+
+def _run_chunks(run: RunDir, runner: Runner, dataset, n_samples, chunk_samples, shard, progress, quiet,
+                ctx: ChunkContext) -> Path:
+    """Execute the chunks not done yet (damaged ones recomputed and reported), then finish the run."""
     chunks = plan_chunks(n_samples, chunk_samples, shard)
     todo = [c for c in chunks if not run.has_chunk(c[0])]
+    _report_repairs(run)
     start = time.perf_counter()
     runner.forward_seconds = 0.0
     stats = execute_chunks(run, ctx, dataset, todo, total=sum(e - s for _, s, e in chunks),
@@ -209,6 +231,20 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
         print(format_summary(run.config, metrics))
         print(f"run directory: {run.path}")
     return run.path
+
+
+def _report_repairs(run: RunDir) -> None:
+    """Say on stderr, and record in run.json, what resuming found damaged or left over."""
+    if run.recomputed:
+        for chunk, reason in run.recomputed:
+            where = "run.json" if chunk < 0 else f"chunk {chunk}"
+            print(f"warning: {run.path}: {where}: {reason}; recomputed", file=sys.stderr)
+        run.update(recomputed_chunks=run.config.get("recomputed_chunks", []) + [
+            {"chunk": chunk, "reason": reason, "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            for chunk, reason in run.recomputed])
+    if run.cleaned:
+        print(f"note: {run.path}: removed {len(run.cleaned)} temporary file(s) of an interrupted write",
+              file=sys.stderr)
 
 
 def execute_chunks(run: RunDir, ctx: ChunkContext, dataset, todo, total: int, progress: bool = True) -> dict:
@@ -261,18 +297,38 @@ def merge_runs(shard_dirs, out_dir) -> Path:
                         f"unfinished; shard counts seen: {sorted(counts)})")
     config = {**first, "shard": None, "merged_from": [str(s.path.resolve()) for s in shards],
               "status": "running"}
-    out = RunDir.open_or_create(out_dir, config) if not RunDir.exists(out_dir) \
-        else RunDir(out_dir, config)
-    (out.path / "chunks").mkdir(parents=True, exist_ok=True)
-    for c in all_chunks:
-        copy_chunks(owner[c], out, [c])
-    metrics = summarize(out, all_chunks)
-    out.concatenate(all_chunks)
-    out.write_metrics(metrics)
-    out.update(**{**config, "status": "complete"})
+    _check_merge_target(Path(out_dir), config)
+    out = RunDir.open_or_create(out_dir, config)
+    try:
+        for c in all_chunks:
+            if not out.has_chunk(c):
+                copy_chunks(owner[c], out, [c])
+        metrics = summarize(out, all_chunks)
+        out.concatenate(all_chunks)
+        out.write_metrics(metrics)
+        out.update(**{**config, "status": "complete"})
+    finally:
+        out.close()
     print(format_summary(out.config, metrics))
     print(f"run directory: {out.path}")
     return out.path
+
+
+def _check_merge_target(out_dir: Path, config: dict) -> None:
+    """``--out`` of a merge must be new, empty, or the same merge (then it is finished again, nothing lost)."""
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise UserError(f"merge: --out {out_dir} is a file; pass a new folder")
+    if RunDir.exists(out_dir):
+        old = _readable_config(out_dir) or {}
+        if old.get("merged_from") != config["merged_from"]:
+            what = f"a merge of {old['merged_from']}" if old.get("merged_from") else "another run"
+            raise UserError(f"merge: --out {out_dir} holds another run ({what}); merging would overwrite it; "
+                            "pass a new --out")
+        return
+    if any(p.name != ".lock" for p in out_dir.iterdir()):
+        raise UserError(f"merge: --out {out_dir} is not empty; pass a new or empty folder")
 
 
 def benchmark(model="pare", protocol="clean", dataset="demo", *, out_dir=None, weights="checkpoint",

@@ -8,6 +8,17 @@ from pathlib import Path
 import torch
 
 
+def dataset_fingerprint(dataset) -> str:
+    """Content identity of a dataset (resume refuses a different one): ``dataset.fingerprint()`` for occbench's
+    datasets (annotation content), else a hash of its name and sample ids (a user's own dataset object)."""
+    if hasattr(dataset, "fingerprint"):
+        return dataset.fingerprint()
+    import hashlib
+    import json
+    ids = [str(s) for s in getattr(dataset, "sample_ids", range(len(dataset)))]
+    return hashlib.sha256(json.dumps([getattr(dataset, "name", None), ids]).encode()).hexdigest()[:16]
+
+
 def versions() -> dict:
     import importlib.metadata as md
     out = {"python": platform.python_version()}
