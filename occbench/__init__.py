@@ -15,6 +15,8 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "load_model": "occbench.zoo",
+    "wrap_model": "occbench.adapters",
+    "Outputs": "occbench.adapters",
     "model_names": "occbench.models",
     "load_body_model": "occbench.body",
     "open_dataset": "occbench.data",

@@ -136,8 +136,17 @@ class BodyModel(nn.Module):
         if betas.shape != (batch, self.num_betas):
             raise ValueError(f"betas must be ({batch}, {self.num_betas}), got {tuple(betas.shape)}")
         out = self.smpl(betas=betas, global_orient=rotmat[:, :1], body_pose=rotmat[:, 1:], pose2rot=False)
-        vertices = out.vertices
-        joints_smpl = out.joints[:, :24]
+        return self._regress_joints(out.vertices, out.joints[:, :24])
+
+    def joints_from_vertices(self, vertices: torch.Tensor) -> BodyOutput:
+        """Joints of a mesh given as vertices (B, num_vertices, 3) (a model that predicts vertices): SMPL's 24
+        joints from its J_regressor applied to the posed vertices, H36M / LSP joints as in :meth:`forward`."""
+        dtype = self.smpl.v_template.dtype
+        vertices = vertices.to(dtype)
+        joints_smpl = torch.einsum("jv,bvc->bjc", self.smpl.J_regressor.to(dtype), vertices)
+        return self._regress_joints(vertices, joints_smpl)
+
+    def _regress_joints(self, vertices: torch.Tensor, joints_smpl: torch.Tensor) -> BodyOutput:
         if self.j_regressor_h36m is not None:
             joints_h36m = torch.einsum("jv,bvc->bjc", self.j_regressor_h36m.to(vertices.dtype), vertices)
         else:

@@ -110,6 +110,7 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
         per_sample = 1
     chunk_samples = chunk_samples or int(min(64, max(1, math.ceil(256 / (per_sample + 1)))))
     provenance = getattr(model, "provenance", {}) or {}
+    model_info = {**(getattr(model, "run_info", None) or {}), **(model_info or {})}   # outside models' record
     model_name = (model_info or {}).get("name") or provenance.get("model") or getattr(model, "name", "model")
     conventions = dict(getattr(dataset, "conventions", {}) or {})
     pelvis = protocol.pelvis if protocol.pelvis != "dataset" else conventions.get("pelvis", "h36m-root")
@@ -338,12 +339,13 @@ def benchmark(model="pare", protocol="clean", dataset="demo", *, out_dir=None, w
 
         run_dir = occbench.benchmark(model="pare", protocol="advocc80", dataset="demo", weights="random")
 
-    model / dataset may also be objects (a ZooModel, a Dataset). Other keywords go to :func:`run_protocol`.
+    model may be a zoo name, a plugin name or a builder path (``my_model.py:build``); model / dataset may also
+    be objects (a ZooModel or ``occbench.wrap_model``'s model, a Dataset). Other keywords go to :func:`run_protocol`.
     """
     from occbench.data import open_dataset
-    from occbench.zoo import load_model
+    from occbench.plugins import load_any_model
     if isinstance(model, str):
-        model = load_model(model, checkpoint=checkpoint, device=device, weights=weights,
+        model = load_any_model(model, checkpoint=checkpoint, device=device, weights=weights,
                            seed=run_options.get("seed", 0), **(model_options or {}))
     if isinstance(dataset, str):
         dataset = open_dataset(dataset, root=dataset_root)

@@ -45,7 +45,7 @@ def joint_errors(pred3d, pred_root, pred2d, ref3d, ref2d, head, visible, pck_mas
 def vertex_errors(pred, root, joints, gt_verts, slots, pelvis: str) -> np.ndarray:
     """(B,) PVE in mm of a batch: predicted vertices minus the predicted pelvis (same convention as the joints)
     against the GT vertices; NaN without GT vertices (PARE's PVE: no other alignment)."""
-    if gt_verts is None:
+    if gt_verts is None or pred.vertices is None:    # no mesh: a joints-only outside model
         return np.full(len(slots), np.nan, np.float32)
     origin = root if pelvis == "h36m-root" else joints[:, 2:4].mean(1)
     verts = pred.vertices.float() - origin[:, None, :]

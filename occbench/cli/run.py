@@ -28,11 +28,13 @@ def protocols(verbose):
 
 
 @click.command()
-@click.option("--model", "-m", "model_name", help="Zoo model name (`occbench models`).")
+@click.option("--model", "-m", "model_name",
+              help="Zoo or plugin model name (`occbench models`), or a builder: my_model.py:build, pkg.module:build.")
 @click.option("--protocol", "-p", "protocol_name", help="Built-in protocol name or a .toml file.")
 @click.option("--dataset", "-d", default="demo", show_default=True, help="Dataset name or SPIN-format npz.")
 @click.option("--dataset-root", default=None, help="Folder of the dataset (else OCCBENCH_DATASETS_DIR).")
-@click.option("--checkpoint", default=None, help="Official checkpoint file (else looked up).")
+@click.option("--checkpoint", default=None,
+              help="Official checkpoint file (else looked up); for a builder or plugin: passed to it.")
 @click.option("--weights", type=click.Choice(["checkpoint", "random"]), default="checkpoint", show_default=True,
               help="'random' = seeded random weights for smoke runs (labelled in results).")
 @click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE",
@@ -68,8 +70,12 @@ def run(model_name, protocol_name, dataset, dataset_root, checkpoint, weights, m
     if not protocol_name and not replay:
         raise UserError("--protocol is required (`occbench protocols` lists them)")
     from occbench.models import model_names
-    if model_name not in model_names():
-        raise UserError(f"unknown model {model_name!r}; valid names: {', '.join(model_names())}")
+    from occbench.plugins import is_builder_path, plugin_entry_points
+    in_zoo = model_name in model_names()
+    if not in_zoo and not is_builder_path(model_name) and model_name not in plugin_entry_points():
+        raise UserError(f"unknown model {model_name!r}; valid names: "
+                        f"{', '.join(model_names() + sorted(plugin_entry_points()))}; "
+                        "or a builder: path/to/file.py:function")
     from occbench.checks import check_run_options
     check_run_options(seed=seed, batch_size=batch_size, limit=limit, max_windows=max_windows, replay=replay)
     if weights == "random" and checkpoint is not None:
@@ -77,18 +83,23 @@ def run(model_name, protocol_name, dataset, dataset_root, checkpoint, weights, m
                         "give one of them")
     protocol_overrides = dict(parse_override(o) for o in overrides)
     options = dict(parse_override(o) for o in model_options)
-    from occbench.zoo import check_model_options
-    check_model_options(model_name, options)
+    if in_zoo:   # an outside builder's options are checked against its signature when it is called
+        from occbench.zoo import check_model_options
+        check_model_options(model_name, options)
+    protocol = None
     if protocol_name:   # fail on a bad protocol before loading the model
-        from occbench.models import get_entry
         from occbench.protocol import load_protocol
-        input_size = options.get("input_size", get_entry(model_name).input_size)
-        load_protocol(protocol_name, **protocol_overrides).check_input_size(int(input_size))
+        protocol = load_protocol(protocol_name, **protocol_overrides)
+        if in_zoo:
+            from occbench.models import get_entry
+            protocol.check_input_size(int(options.get("input_size", get_entry(model_name).input_size)))
     from occbench.data import open_dataset
     from occbench.engine import run_protocol
-    from occbench.zoo import load_model
-    model = load_model(model_name, checkpoint=checkpoint, device=device, weights=weights,
-                       seed=0 if seed is None else seed, **options)
+    from occbench.plugins import load_any_model
+    model = load_any_model(model_name, checkpoint=checkpoint, device=device, weights=weights,
+                           seed=0 if seed is None else seed, **options)
+    if protocol is not None and not in_zoo:
+        protocol.check_input_size(int(model.input_size))
     data = open_dataset(dataset, root=dataset_root)
     run_dir = run_protocol(model, data, protocol_name, out_dir, seed=seed, batch_size=batch_size,
                            precision=precision, memory_format=memory_format, limit=limit, max_windows=max_windows,

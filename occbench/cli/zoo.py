@@ -45,7 +45,7 @@ def checkpoint_status(entry, checkpoint_dir=None) -> tuple[str | None, str]:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per model instead of text.")
 def models(checkpoint_dir, as_json):
     """List every zoo model: what it is, its input size, the checkpoint files it loads and whether they
-    are present. Builds no network."""
+    are present; then the models of installed plugins (entry-point group occbench.models). Builds no network."""
     from occbench.models import get_entry, model_names
     for name in model_names():
         entry = get_entry(name)
@@ -69,6 +69,17 @@ def models(checkpoint_dir, as_json):
             click.echo(f"    not found in {folder}; source: {entry.checkpoint_source}")
         if entry.license:
             click.echo(f"  license: {entry.license}")
+    from occbench.plugins import describe_plugin, plugin_entry_points
+    zoo = set(model_names())
+    for name, ep in sorted(plugin_entry_points().items()):
+        info = describe_plugin(name, ep)
+        if name in zoo:
+            info["description"] = f"shadowed by the zoo model of that name; run it as --model {ep.value}"
+        if as_json:
+            click.echo(json.dumps(info))
+            continue
+        click.echo(f"{name}: {info['description']}")
+        click.echo(f"  outside model from plugin {info['package']} {info['version']}: builder {info['builder']}")
 
 
 @click.command("check-checkpoint")
