@@ -200,6 +200,8 @@ def _mesh_section(page, runs, out_dir):
     from occbench.sensmesh import accumulate_run, export_mesh, render_views
     import torch
 
+    if all("sensitivity_meshes" in run.unavailable for run in runs):
+        return      # the warnings at the top of the page say why (e.g. a joints-only outside model)
     page.h2("Occlusion sensitivity meshes", "meshes")
     page.p("Per-vertex mean error when an occluder covers that vertex, pooled over the dataset and shown on the "
            "template body (method: README, 'Occlusion sensitivity meshes'). Drag the 3D view to rotate it; "
@@ -210,6 +212,9 @@ def _mesh_section(page, runs, out_dir):
                         betas=torch.zeros(1, 10)).vertices[0].numpy()
     pooled = []
     for run in runs:
+        if "sensitivity_meshes" in run.unavailable:
+            page.alert(f"{run.label}: no sensitivity mesh: {run.unavailable['sensitivity_meshes']}")
+            continue
         predictions_path = rundir.table_path(run.path, "predictions")
         if not predictions_path.is_file():
             page.alert(f"{run.label}: no clean predictions stored (predictions.parquet); no sensitivity mesh")

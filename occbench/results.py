@@ -105,7 +105,26 @@ class Run:
             out.append(f"--limit {self.config['limit']}: a subset of the dataset")
         if conv.get("joint_regressor") == "smpl24-fallback":
             out.append("LSP-14 joints from SMPL's 24 joints (no J_regressor_h36m): not comparable")
+        model = self.config["model"]
+        if model.get("outside_model"):
+            plugin = model.get("plugin") or {}
+            origin = (f"plugin {plugin.get('package')} {plugin.get('version')}, " if plugin else "") + \
+                f"builder {model.get('builder') or (model.get('wrapper') or {}).get('callable')}"
+            outputs = (model.get("wrapper") or {}).get("outputs") or {}
+            declared = ", ".join(f"{k}={outputs[k]}" for k in ("form", "rotation", "joints", "camera", "focal_length")
+                                 if k in outputs)
+            out.append(f"outside model ({origin}; outputs {declared}): not a zoo model; its weights and "
+                       "conventions are its author's (recorded in run.json)")
+        names = {"pve": "PVE", "sensitivity_meshes": "sensitivity meshes"}
+        for what, reason in self.unavailable.items():
+            out.append(f"{names.get(what, what)} unavailable: {reason}")
         return out
+
+    @property
+    def unavailable(self) -> dict:
+        """Mesh-dependent results the model cannot give ('pve', 'sensitivity_meshes') -> the reason (an outside
+        model's declared outputs, see occbench.adapters)."""
+        return dict(self.config["model"].get("unavailable") or {})
 
     # ---------------------------------------------------------------- raw tables
     @cached_property
