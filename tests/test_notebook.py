@@ -31,4 +31,8 @@ def test_analysis_notebook_executes(tmp_path, monkeypatch):
     assert "FLAG: protocols differ" in outputs               # the comparison refuses to mix silently
     assert "\\begin{tabular}" in outputs and "| model |" in outputs
     assert (tmp_path / "sensitivity_mesh.png").is_file()
+    # the bring-your-own-model section: an inline wrap_model model run and compared with pare-demo
+    assert "my-tiny-net | occsens40 | demo | 2 samples, 0 failed" in outputs
+    assert "| my-tiny-net |" in outputs and "| pare-demo |" in outputs
+    assert (tmp_path / "my-tiny-net-run" / "joints.parquet").is_file()
     assert os.environ["RUN_A"] == str(run_a)
