@@ -34,6 +34,7 @@ Cameras (``Outputs.camera``):
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -214,7 +215,7 @@ class WrappedModel(ZooModel):
     def _shapes(self, key: str, batch: int) -> list[tuple]:
         if key == "rotation":
             tail = ROTATIONS[self.outputs.rotation]
-            return [(batch, 24, *tail), (batch, 24 * int(torch.tensor(tail).prod()))]
+            return [(batch, 24, *tail), (batch, 24 * math.prod(tail))]
         if key == "vertices":
             return [(batch, int(self.body_model.smpl.v_template.shape[0]), 3)]
         if key == "joints":
