@@ -340,13 +340,14 @@ def benchmark(model="pare", protocol="clean", dataset="demo", *, out_dir=None, w
         run_dir = occbench.benchmark(model="pare", protocol="advocc80", dataset="demo", weights="random")
 
     model may be a zoo name, a plugin name or a builder path (``my_model.py:build``); model / dataset may also
-    be objects (a ZooModel or ``occbench.wrap_model``'s model, a Dataset). Other keywords go to :func:`run_protocol`.
+    be objects (a ZooModel or ``occbench.wrap_model``'s model, a Dataset). Other keywords go to
+    :func:`run_protocol`.
     """
     from occbench.data import open_dataset
     from occbench.plugins import load_any_model
     if isinstance(model, str):
         model = load_any_model(model, checkpoint=checkpoint, device=device, weights=weights,
-                           seed=run_options.get("seed", 0), **(model_options or {}))
+                               seed=run_options.get("seed", 0), **(model_options or {}))
     if isinstance(dataset, str):
         dataset = open_dataset(dataset, root=dataset_root)
     return run_protocol(model, dataset, protocol, out_dir, **run_options)
