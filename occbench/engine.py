@@ -22,6 +22,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from occbench import metrics
 from occbench import occluders as occ
 from occbench import provenance as prov
 from occbench.checks import check_run_options, safe_folder_name
@@ -169,6 +170,8 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
         "replay": replay_info,
         "conventions": {**conventions, "pelvis": pelvis, "joint_set": "lsp14",
                         "reduction": protocol.reduction, "pckh_threshold": protocol.pckh_threshold,
+                        "pa_mpjpe_min_joints": metrics.MIN_PA_JOINTS,
+                        "nan_rule": "a NaN at an evaluated joint makes a reduction NaN",
                         "body_model_standin": bool(getattr(body, "is_standin", False)),
                         "geometry_scale": f"{input_size}/224 (rounded half up), occluders drawn at {input_size} px"},
     }

@@ -32,6 +32,7 @@ LSP14_NAMES = ("right_ankle", "right_knee", "right_hip", "left_hip", "left_knee"
 LSP14_RIGHT_HIP, LSP14_LEFT_HIP, LSP14_NECK, LSP14_HEAD_TOP = 2, 3, 12, 13
 
 PELVIS_CONVENTIONS = ("h36m-root", "mid-hip")
+MIN_PA_JOINTS = 3   # a similarity transform needs 3 points: rows with fewer evaluated joints have no PA-MPJPE
 REDUCTIONS = ("per-sample", "pooled-visible")
 
 
@@ -280,45 +281,131 @@ def pckh_accuracy(correct: torch.Tensor, mask: torch.Tensor | None = None,
     if head_size is not None:
         head_size = torch.as_tensor(head_size, device=correct.device).reshape(batch).double()
         mask = _scorable(mask, head_size, batch, joints)
-    visible = torch.ones_like(correct, dtype=torch.bool) if mask is None else mask
-    n_visible = visible.sum(dim=0).double()                                # (J,)
-    n_correct = (correct.bool() & visible).sum(dim=0).double()
-    per_joint = n_correct / n_visible                                      # NaN where 0/0
-    return torch.nanmean(per_joint), per_joint
+    _, hits, totals = pckh_counts(correct.bool().cpu(), None if mask is None else mask.cpu())
+    mean, per_joint = pckh_from_counts(hits.sum(dim=0), totals.sum(dim=0))
+    return mean.to(correct.device), per_joint.to(correct.device)
 
 
 # -------------------------------------------------------------------------------------- reduction
+#
+# One implementation of every reduction: the engine's metrics.json (summed chunk by chunk), the results'
+# bootstrap confidence intervals and :func:`reduce` all go through :func:`sample_terms`, which turns rows of
+# per-joint errors into one (numerator, denominator) pair per sample; an estimate is sum(num) / sum(den).
+# Rows are (sample, window) pairs: a clean copy, an occluded window, a worst window.
+
+def pa_mask(mask: torch.Tensor) -> torch.Tensor:
+    """The joints PA-MPJPE is evaluated on: ``mask`` (B,J) where the row has at least MIN_PA_JOINTS of them.
+
+    A similarity transform (7 degrees of freedom) is not determined by fewer than 3 points, so a row (a
+    window that hides all but 1-2 joints) has no PA-MPJPE: it is left out of PA-MPJPE reductions (and
+    counted), while its MPJPE still counts. Fitting on hidden joints instead would use what the protocol
+    says is not evaluated.
+    """
+    mask = torch.as_tensor(mask).bool()
+    return mask & (mask.sum(dim=1, keepdim=True) >= MIN_PA_JOINTS)
+
+
+def row_means(errors, mask=None) -> torch.Tensor:
+    """(R,) float64 mean over each row's evaluated joints (NaN for a row with none).
+
+    errors: (R,J) (or (R,J,C): then (R,C)); mask: (R,J) bool. A NaN at an evaluated joint makes the row's
+    mean NaN (see :func:`reduce`)."""
+    errors = torch.as_tensor(errors).double()
+    rows, joints = errors.shape[:2]
+    mask = torch.ones(rows, joints, dtype=torch.bool) if mask is None else \
+        _as_mask(mask, rows, joints, errors.device)
+    weight = mask.double() if errors.ndim == 2 else mask.double()[..., None]
+    total = torch.where(weight > 0, errors, torch.zeros_like(errors)).sum(dim=1)
+    return total / weight.sum(dim=1)
+
+
+def sample_terms(errors, mask=None, sample=None, reduction: str = "per-sample"):
+    """Per-sample (numerator, denominator) of a reduction over rows of per-joint errors.
+
+    errors: (R,J) or (R,J,C) mm, one row per (sample, window); mask: (R,J) bool, the evaluated joints;
+    sample: (R,) int sample of each row (default: every row its own sample).
+    Returns (samples (S,) sorted ids, num (S,[C]) float64, den (S,) float64); the estimate is
+    ``num.sum(0) / den.sum()``. Samples without an evaluated joint are left out.
+
+    - ``per-sample`` (PARE): mean over each row's evaluated joints, then over the sample's rows (num), den 1.
+    - ``pooled-visible`` (3DNBF AdvOcc): the sum of the sample's evaluated errors (num) and their count (den),
+      so samples with more evaluated joints weigh more.
+    """
+    errors = torch.as_tensor(errors).double()
+    if errors.ndim not in (2, 3):
+        raise ValueError(f"errors: expected (R,J) or (R,J,C), got {tuple(errors.shape)}")
+    rows, joints = errors.shape[:2]
+    mask = torch.ones(rows, joints, dtype=torch.bool) if mask is None else \
+        _as_mask(mask, rows, joints, errors.device)
+    sample = torch.arange(rows) if sample is None else torch.as_tensor(sample).long().reshape(rows)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
+    keep = mask.any(dim=1)
+    errors, mask, sample = errors[keep], mask[keep], sample[keep]
+    samples, inverse = torch.unique(sample, return_inverse=True)
+    extra = errors.shape[2:]
+    num = torch.zeros((len(samples), *extra), dtype=torch.float64)
+    if reduction == "per-sample":
+        per_row = row_means(errors, mask)
+        num.index_add_(0, inverse, per_row)
+        counts = torch.zeros(len(samples), dtype=torch.float64).index_add_(
+            0, inverse, torch.ones(len(inverse), dtype=torch.float64))
+        num = num / (counts if num.ndim == 1 else counts[:, None])
+        return samples, num, torch.ones(len(samples), dtype=torch.float64)
+    weight = mask.double() if errors.ndim == 2 else mask.double()[..., None]
+    num.index_add_(0, inverse, torch.where(weight > 0, errors, torch.zeros_like(errors)).sum(dim=1))
+    den = torch.zeros(len(samples), dtype=torch.float64).index_add_(0, inverse, mask.double().sum(dim=1))
+    return samples, num, den
+
 
 def reduce(errors: torch.Tensor, mask: torch.Tensor | None = None,
-           reduction: str = "per-sample") -> torch.Tensor:
+           reduction: str = "per-sample", sample=None) -> torch.Tensor:
     """One number from per-joint errors (REFERENCE.md 3: the reduction is a recorded parameter).
 
     errors: (B,J) (or (B,J,C), e.g. :func:`axis_mje`, giving one value per channel); mask: (B,J) bool,
-    the same mask the errors were computed with (None: every entry counts).
+    the same mask the errors were computed with (None: every entry counts); sample: (B,) the sample of each
+    row when a sample has several rows (windows; default: each row is a sample). See :func:`sample_terms`.
 
-    - ``per-sample`` (PARE): mean over the visible joints of each sample, then mean over the samples that
-      have at least one visible joint.
-    - ``pooled-visible`` (3DNBF AdvOcc): mean over all visible (sample, joint) pairs, so samples with
+    - ``per-sample`` (PARE): mean over the visible joints of each row, then over each sample's rows, then
+      over the samples that have at least one visible joint.
+    - ``pooled-visible`` (3DNBF AdvOcc): mean over all visible (row, joint) pairs, so samples with
       more visible joints weigh more.
 
     Masked-out entries are ignored whatever they hold. A NaN at a *visible* entry (a model that produced
-    NaN, a sample PA-MPJPE could not align) is kept and makes the result NaN, on purpose: silently
-    dropping it would reward a broken prediction. Returns a 0-dim tensor (or (C,)) in the errors' dtype.
+    NaN) is kept and makes the result NaN, on purpose: silently dropping it would reward a broken
+    prediction. PA-MPJPE rows that cannot be aligned are excluded by their mask (:func:`pa_mask`), not by
+    their NaN. Returns a 0-dim tensor (or (C,)) in the errors' dtype and device.
     """
     if errors.ndim not in (2, 3):
         raise ValueError(f"errors: expected (B,J) or (B,J,C), got {tuple(errors.shape)}")
-    batch, joints = errors.shape[:2]
-    mask = _as_mask(mask, batch, joints, errors.device)
-    if mask is None:
-        mask = torch.ones(batch, joints, dtype=torch.bool, device=errors.device)
-    weight = mask.to(errors.dtype)
-    if errors.ndim == 3:
-        weight = weight[..., None]
-    values = torch.where(weight > 0, errors, torch.zeros_like(errors))
-    if reduction == "per-sample":
-        per_sample = values.sum(dim=1) / weight.sum(dim=1)                   # NaN for samples with none visible
-        has_visible = mask.any(dim=1)
-        return per_sample[has_visible].mean(dim=0)
-    if reduction == "pooled-visible":
-        return values.sum(dim=(0, 1)) / weight.sum(dim=(0, 1))
-    raise ValueError(f"unknown reduction {reduction!r}; valid: {', '.join(REDUCTIONS)}")
+    _, num, den = sample_terms(errors.detach().cpu(), None if mask is None else torch.as_tensor(mask).cpu(),
+                               None if sample is None else torch.as_tensor(sample).cpu(), reduction)
+    value = num.sum(dim=0) / den.sum()
+    return value.to(dtype=errors.dtype, device=errors.device)
+
+
+def pckh_counts(correct, mask=None, sample=None):
+    """Per-sample, per-joint PCKh counts: (samples (S,), correct (S,J), scored (S,J)) float64.
+
+    correct: (R,J) bool (or 1/0 floats); mask: (R,J) the scored instances (NaN in ``correct`` also means not
+    scored); sample: (R,) int (default: each row its own sample)."""
+    correct = torch.as_tensor(correct)
+    rows, joints = correct.shape
+    scored = torch.ones(rows, joints, dtype=torch.bool) if mask is None else \
+        _as_mask(mask, rows, joints, correct.device)
+    values = correct.double()
+    scored = scored & torch.isfinite(values)
+    sample = torch.arange(rows) if sample is None else torch.as_tensor(sample).long().reshape(rows)
+    samples, inverse = torch.unique(sample, return_inverse=True)
+    hits = torch.zeros(len(samples), joints, dtype=torch.float64).index_add_(
+        0, inverse, torch.where(scored, values, torch.zeros_like(values)))
+    totals = torch.zeros(len(samples), joints, dtype=torch.float64).index_add_(0, inverse, scored.double())
+    return samples, hits, totals
+
+
+def pckh_from_counts(hits, totals):
+    """(mean, per_joint) PCKh fractions from summed counts (J,): per joint over its scored instances, then
+    the mean over joints that have any (3DNBF instead pools all joints; occbench does not)."""
+    hits, totals = torch.as_tensor(hits).double(), torch.as_tensor(totals).double()
+    per_joint = hits / totals                                              # NaN where 0/0
+    return torch.nanmean(per_joint), per_joint

@@ -19,11 +19,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from occbench import rundir
 from occbench.data.joints import LSP14_NAMES as JOINT_NAMES
 from occbench.errors import UserError
-from occbench.scoring import per_sample_means, reported_source, worst_rows
+from occbench import metrics, scoring
+from occbench.scoring import reported_source, worst_rows
 METRICS = ("mpjpe", "pa_mpjpe", "pckh")
 AXIS_COLUMNS = ("err_x", "err_y", "err_z")
 
@@ -169,38 +171,27 @@ class Run:
                         seed: int = 0) -> tuple[float, float, float, int]:
         """(value, ci_low, ci_high, n_samples) of ``metric`` over the ``source`` windows.
 
-        mpjpe / pa_mpjpe / axis errors: ``per-sample`` = mean over joints of each (sample, window), mean over
-        windows, mean over samples; ``pooled-visible`` = mean over all visible joint instances. pckh: per joint
-        over its visible instances, then the mean over joints, in %. CIs resample samples.
+        mpjpe / pa_mpjpe / pve / axis errors (err_x..z, absolute): ``per-sample`` = mean over joints of each
+        (sample, window), mean over windows, mean over samples; ``pooled-visible`` = mean over all visible
+        joint instances; the terms come from :func:`occbench.metrics.sample_terms`, exactly as metrics.json.
+        pckh: per joint over its visible instances, then the mean over joints, in %. CIs resample samples.
+        PVE is one value per (sample, window) (per-sample reduction).
         """
-        reduction = reduction or self.reduction
-        if metric == "pve":
-            return self._pve_estimate(source, n_boot, seed)
-        rows = self._selected(source)
-        rows = rows[np.isfinite(rows[metric].to_numpy(dtype=np.float64))]
-        if rows.empty:
-            return float("nan"), float("nan"), float("nan"), 0
-        n = int(rows["sample_index"].nunique())
-        if metric == "pckh":
-            return (*_pckh_bootstrap(rows, n_boot, seed), n)
-        if reduction == "per-sample":
-            per_sample = per_sample_means(rows, metric)
-            est = bootstrap_ratio(per_sample.to_numpy(), np.ones(len(per_sample)), n_boot, seed)
-        else:
-            grouped = rows.groupby("sample_index")[metric]
-            est = bootstrap_ratio(grouped.sum().to_numpy(), grouped.count().to_numpy(), n_boot, seed)
-        return (*est, n)
-
-    def _pve_estimate(self, source, n_boot, seed):
-        """PVE is one number per (sample, window): mean over windows, then over samples (PARE)."""
-        if "pve" not in self.joints:
+        reduction = "per-sample" if metric == "pve" else (reduction or self.reduction)
+        if metric == "pve" and "pve" not in self.joints:
             return float("nan"), float("nan"), float("nan"), 0
         rows = self._selected(source, visible_only=False)
-        per_window = rows.groupby(["sample_index", "window"])["pve"].first().dropna()
-        if per_window.empty:
+        if rows.empty:
             return float("nan"), float("nan"), float("nan"), 0
-        per_sample = per_window.groupby(level=0).mean()
-        return (*bootstrap_ratio(per_sample.to_numpy(), np.ones(len(per_sample)), n_boot, seed), len(per_sample))
+        matrices = scoring.error_matrices(rows)
+        if metric == "pckh":
+            samples, hits, totals = scoring.pckh_counts(matrices)
+            keep = totals.sum(axis=1) > 0
+            return (*_pckh_bootstrap(hits[keep], totals[keep], n_boot, seed), int(keep.sum()))
+        samples, num, den = scoring.sample_terms(matrices, metric, reduction)
+        if len(samples) == 0:
+            return float("nan"), float("nan"), float("nan"), 0
+        return (*bootstrap_ratio(num, den, n_boot, seed), len(samples))
 
     def summary(self, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
         """One row per (source, metric): clean, the protocol's occluded numbers, degradation vs clean."""
@@ -227,32 +218,43 @@ class Run:
         """Mean ``metric`` per joint (visible instances) for clean and the protocol's windows (PARE Fig. 6)."""
         out = pd.DataFrame({"joint": range(len(JOINT_NAMES)), "joint_name": JOINT_NAMES})
         for source in dict.fromkeys(["clean", self.source]):
-            rows = self._selected(source)
-            out[source] = out["joint"].map(rows.groupby("joint")[metric].mean())
+            matrices = scoring.error_matrices(self._selected(source, visible_only=False))
+            values, mask = scoring.metric_rows(matrices, metric)
+            column = []
+            for j in range(len(JOINT_NAMES)):
+                _, num, den = metrics.sample_terms(torch.from_numpy(values[:, j:j + 1].astype(np.float64)),
+                                                   torch.from_numpy(mask[:, j:j + 1]), reduction="pooled-visible")
+                column.append(float(num.sum() / den.sum()) if float(den.sum()) > 0 else float("nan"))
+            out[source] = column
         out.insert(0, "model", self.model)
         return out
 
     def axis_mje(self, source: str | None = None) -> pd.DataFrame:
-        """BoPR Table 3: mean absolute error per axis x, y, z (mm) after pelvis alignment."""
+        """BoPR Table 3: mean absolute error per axis x, y, z (mm) after pelvis alignment, over visible joint
+        instances."""
         missing = [c for c in AXIS_COLUMNS if c not in self.joints]
         if missing:
             raise UserError(f"{self.path}: run has no per-axis errors ({', '.join(missing)}); "
                             "re-run it with this occbench version")
-        rows = self._selected(source or self.source)
-        values = {axis[-1]: float(rows[axis].abs().mean()) for axis in AXIS_COLUMNS}
-        return pd.DataFrame([{"model": self.model, "protocol": self.protocol, "source": source or self.source,
-                              **values}])
+        source = source or self.source
+        matrices = scoring.error_matrices(self._selected(source, visible_only=False))
+        values = {}
+        for axis in AXIS_COLUMNS:
+            _, num, den = scoring.sample_terms(matrices, axis, "pooled-visible")
+            values[axis[-1]] = float(num.sum() / den.sum()) if den.sum() > 0 else float("nan")
+        return pd.DataFrame([{"model": self.model, "protocol": self.protocol, "source": source, **values}])
 
     def doc_curve(self, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
         """HKMR Fig. 6: MPJPE per (pattern, degree of occlusion), per-sample reduction, with 95% CIs."""
-        rows = self._selected("occluded")
+        rows = self._selected("occluded", visible_only=False)
         rows = rows[rows["doc"] > 0]
         records = []
         for (pattern, doc), part in rows.groupby(["pattern", "doc"]):
-            per_sample = per_sample_means(part, "mpjpe")
-            value, low, high = bootstrap_ratio(per_sample.to_numpy(), np.ones(len(per_sample)), n_boot, seed)
+            samples, num, den = scoring.sample_terms(scoring.error_matrices(part.sort_index()), "mpjpe",
+                                                     "per-sample")
+            value, low, high = bootstrap_ratio(num, den, n_boot, seed)
             records.append({"model": self.model, "pattern": pattern, "doc": int(doc), "mpjpe": value,
-                            "ci_low": low, "ci_high": high, "n_samples": len(per_sample)})
+                            "ci_low": low, "ci_high": high, "n_samples": len(samples)})
         return pd.DataFrame.from_records(records, columns=["model", "pattern", "doc", "mpjpe", "ci_low",
                                                            "ci_high", "n_samples"])
 
@@ -272,22 +274,37 @@ class Run:
 
         rise: each row's error minus the same sample's clean error for that joint (window -1) before
         averaging, so a map shows what the occluder adds, not the model's clean error."""
-        visible = self.joints[self.joints["visible"]]
-        rows = visible[visible["window"] >= 0]
+        rows = self._selected("occluded", visible_only=False)
         if sample_id is not None:
             rows = rows[rows["sample_id"] == sample_id]
             if rows.empty:
                 raise UserError(f"{self.path}: no windows for sample {sample_id!r}")
+        matrices = scoring.error_matrices(rows)
+        values, mask = scoring.metric_rows(matrices, metric)
         if rise:
-            clean = visible[visible["window"] < 0].set_index(["sample_index", "joint"])[metric]
-            key = pd.MultiIndex.from_arrays([rows["sample_index"], rows["joint"]])
-            rows = rows.assign(**{metric: rows[metric].to_numpy() - clean.reindex(key).to_numpy()})
-        per_joint = rows.pivot_table(index="window", columns="joint", values=metric, aggfunc="mean")
-        per_joint.columns = [JOINT_NAMES[j] for j in per_joint.columns]
-        # mean over joints within each (sample, window) first, then over samples
-        mean = rows.groupby(["sample_index", "window"])[metric].mean().groupby(level="window").mean()
-        anchors = rows.groupby("window")[["anchor_x", "anchor_y"]].first()
-        return anchors.join(per_joint).assign(mean=mean).reset_index()
+            clean = scoring.error_matrices(self._selected("clean", visible_only=False))
+            clean_values, clean_mask = scoring.metric_rows(clean, metric)
+            position = pd.Series(np.arange(len(clean["sample_index"])), index=clean["sample_index"])
+            at = position.reindex(matrices["sample_index"]).to_numpy()
+            known = ~np.isnan(at)
+            at = np.where(known, at, 0).astype(np.int64)
+            values = values - clean_values[at]
+            mask = mask & clean_mask[at] & known[:, None]
+        window = matrices["window"]
+
+        def per_window(vals, msk, reduction):
+            groups, num, den = metrics.sample_terms(torch.from_numpy(np.ascontiguousarray(vals, np.float64)),
+                                                    torch.from_numpy(np.ascontiguousarray(msk)),
+                                                    torch.from_numpy(window.astype(np.int64)), reduction)
+            return pd.Series((num / den).numpy(), index=groups.numpy())
+
+        # per joint: mean over the window's visible instances; mean: over joints of each (sample, window),
+        # then over samples (the per-sample reduction grouped by window)
+        table = rows.groupby("window")[["anchor_x", "anchor_y"]].first()
+        for j, name in enumerate(JOINT_NAMES):
+            table[name] = per_window(values[:, j:j + 1], mask[:, j:j + 1], "pooled-visible")
+        table["mean"] = per_window(values, mask, "per-sample")
+        return table.reset_index()
 
     def heatmaps(self, sample_id: str | None = None, metric: str = "mpjpe",
                  rise: bool = False) -> tuple[np.ndarray, list[str]]:
@@ -305,23 +322,20 @@ class Run:
         return maps, names
 
 
-def _pckh_bootstrap(rows: pd.DataFrame, n_boot: int, seed: int) -> tuple[float, float, float]:
-    """PCKh (%): per joint over visible instances, then the mean over joints; bootstrap over samples."""
-    counts = rows.pivot_table(index="sample_index", columns="joint", values="pckh", aggfunc=["sum", "count"],
-                              fill_value=0)
-    correct, total = counts["sum"].to_numpy(np.float64), counts["count"].to_numpy(np.float64)
+def _pckh_bootstrap(hits: np.ndarray, totals: np.ndarray, n_boot: int, seed: int) -> tuple[float, float, float]:
+    """PCKh (%) from per-sample, per-joint counts (S,14) (:func:`occbench.metrics.pckh_counts`): per joint over
+    its scored instances, then the mean over joints; the CI resamples samples."""
+    def estimate(h, t):
+        return 100.0 * float(metrics.pckh_from_counts(torch.from_numpy(h.sum(0)), torch.from_numpy(t.sum(0)))[0])
 
-    def estimate(c, t):
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per_joint = c.sum(0) / t.sum(0)
-        return 100.0 * np.nanmean(per_joint)
-
-    value = float(estimate(correct, total))
-    if len(correct) < 2 or n_boot <= 0:
+    if len(hits) == 0:
+        return float("nan"), float("nan"), float("nan")
+    value = estimate(hits, totals)
+    if len(hits) < 2 or n_boot <= 0:
         return value, float("nan"), float("nan")
     rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(correct), size=(n_boot, len(correct)))
-    boots = np.array([estimate(correct[i], total[i]) for i in idx])
+    idx = rng.integers(0, len(hits), size=(n_boot, len(hits)))
+    boots = np.array([estimate(hits[i], totals[i]) for i in idx])
     return value, float(np.nanquantile(boots, 0.025)), float(np.nanquantile(boots, 0.975))
 
 

@@ -8,7 +8,6 @@ over samples; pooled-visible: mean over every evaluated joint instance) are shar
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import torch
@@ -31,10 +30,11 @@ def joint_errors(pred3d, pred_root, pred2d, ref3d, ref2d, head, visible, pck_mas
     ``visible`` column of the run says which ones a protocol evaluates).
     """
     aligned = metrics.align_pelvis(pred3d, pelvis, pelvis=pred_root if pelvis == "h36m-root" else None)
-    mpjpe = torch.linalg.vector_norm(aligned - ref3d, dim=-1) * metrics.MM_PER_M
-    fit_mask = visible if bool((visible.sum(dim=1) >= 3).all()) else visible | (visible.sum(1, keepdim=True) < 3)
-    pa_aligned = metrics.procrustes_align(aligned.double(), ref3d.double(), mask=fit_mask)
-    pa = torch.linalg.vector_norm(pa_aligned - ref3d.double(), dim=-1) * metrics.MM_PER_M
+    mpjpe = metrics.mpjpe(aligned, ref3d)
+    # every joint is transformed by the fit on the evaluated ones (the ``visible`` column says which count);
+    # a row with fewer than metrics.MIN_PA_JOINTS of them has no fit: NaN (metrics.pa_mask leaves it out)
+    pa_aligned = metrics.procrustes_align(aligned.double(), ref3d.double(), mask=visible)
+    pa = metrics.mpjpe(pa_aligned, ref3d.double())
     correct = metrics.pckh(pred2d, ref2d, head, mask=pck_mask, threshold=threshold)
     scorable = pck_mask & torch.isfinite(head)[:, None] & (head > 0)[:, None]
     pckh = torch.where(scorable, correct.float(), torch.full_like(correct, float("nan"), dtype=torch.float32))
@@ -54,10 +54,15 @@ def vertex_errors(pred, root, joints, gt_verts, slots, pelvis: str) -> np.ndarra
 
 
 # ------------------------------------------------------------------------------------------ per sample
-def _masked_mean(values, mask):
-    count = mask.sum(-1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(count > 0, np.where(mask, values, 0).sum(-1) / np.maximum(count, 1), np.nan)
+def _row_means(values, mask) -> np.ndarray:
+    return metrics.row_means(torch.from_numpy(np.ascontiguousarray(values)), torch.from_numpy(mask)).numpy()
+
+
+def _sample_mean(values, mask) -> float:
+    """The per-sample reduction of one sample's rows (NaN when no row has an evaluated joint)."""
+    _, num, _ = metrics.sample_terms(torch.from_numpy(np.ascontiguousarray(values)), torch.from_numpy(mask),
+                                     torch.zeros(len(values), dtype=torch.long), "per-sample")
+    return float(num[0]) if len(num) else float("nan")
 
 
 def sample_summary(index: int, sample_id: str, table: dict, rows, mpjpe, pa_err, pck, visible,
@@ -67,17 +72,16 @@ def sample_summary(index: int, sample_id: str, table: dict, rows, mpjpe, pa_err,
     and windows) of the chunk's window table and error arrays; texture_names: the texture bank's names."""
     window = table["window"][rows]
     m, p, k, v = mpjpe[rows], pa_err[rows], pck[rows], visible[rows]
-    per_m, per_p = _masked_mean(m, v), _masked_mean(p, v)
-    k_mask = v & np.isfinite(k)
-    per_k = _masked_mean(np.nan_to_num(k), k_mask)
+    per_m = _row_means(m, v)
+    per_p = _row_means(p, metrics.pa_mask(torch.from_numpy(v)).numpy())
+    per_k = _row_means(np.nan_to_num(k), v & np.isfinite(k))
     clean, occl = window < 0, window >= 0
     row = {"sample_index": index, "sample_id": sample_id, "n_windows": int(occl.sum()),
            "clean_mpjpe": per_m[clean][0], "clean_pa_mpjpe": per_p[clean][0], "clean_pckh": per_k[clean][0]}
     if occl.any():
-        with np.errstate(invalid="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            row.update(mean_mpjpe=np.nanmean(per_m[occl]), mean_pa_mpjpe=np.nanmean(per_p[occl]),
-                       mean_pckh=np.nanmean(per_k[occl]))
+        row.update(mean_mpjpe=_sample_mean(m[occl], v[occl]),
+                   mean_pa_mpjpe=_sample_mean(p[occl], metrics.pa_mask(torch.from_numpy(v[occl])).numpy()),
+                   mean_pckh=_sample_mean(np.nan_to_num(k[occl]), (v & np.isfinite(k))[occl]))
         scores = np.where(np.isfinite(per_m[occl]), per_m[occl], -np.inf)
         worst_local = int(np.argmax(scores))          # first window among equals, as numpy's argmax
         worst = np.flatnonzero(rows)[np.flatnonzero(occl)[worst_local]]
@@ -112,24 +116,73 @@ def worst_rows(joints, samples) -> np.ndarray:
     return joints["window"].to_numpy() == joints["sample_index"].map(worst).to_numpy()
 
 
-def per_sample_means(rows, metric: str):
-    """The per-sample reduction of ``metric`` (a pandas Series indexed by sample_index): mean over joints of
-    each (sample, window), then over the sample's windows."""
-    per_window = rows.groupby(["sample_index", "window"])[metric].mean()
-    return per_window.groupby(level=0).mean()
+def error_matrices(rows) -> dict:
+    """Rows of a joints table (whole (sample, window) blocks of 14 joints, in the order rundir writes them)
+    as arrays: ``sample_index``, ``window`` (R,) and every per-joint column as (R,14)."""
+    n = len(rows)
+    joint = rows["joint"].to_numpy()
+    if n % N_JOINTS or not (joint.reshape(-1, N_JOINTS) == np.arange(N_JOINTS)).all():
+        raise ValueError("joints rows must come in whole (sample, window) blocks of 14 joints in order")
+    # copies: arrays from arrow tables are read-only, and torch.from_numpy wants writable memory
+    out = {"sample_index": np.array(rows["sample_index"].to_numpy()[::N_JOINTS]),
+           "window": np.array(rows["window"].to_numpy()[::N_JOINTS])}
+    for name in ("mpjpe", "pa_mpjpe", "pckh", "visible", "err_x", "err_y", "err_z", "pve"):
+        if name in rows:
+            out[name] = np.array(rows[name].to_numpy()).reshape(-1, N_JOINTS)
+    return out
+
+
+def metric_rows(matrices: dict, metric: str):
+    """(errors (R,J), evaluated mask (R,J)) of ``metric`` for :func:`occbench.metrics.sample_terms`.
+
+    MPJPE and the per-axis errors (absolute values, BoPR's MJE) count the visible joints; PA-MPJPE the
+    visible joints of rows that can be aligned (:func:`occbench.metrics.pa_mask`); PVE is one value per
+    row (a (R,1) column, counted where the run has GT vertices)."""
+    visible = matrices["visible"].astype(bool)
+    if metric == "pa_mpjpe":
+        return matrices[metric], metrics.pa_mask(torch.from_numpy(visible)).numpy()
+    if metric == "pve":
+        values = matrices["pve"][:, :1]
+        return values, np.isfinite(values)
+    if metric in ("err_x", "err_y", "err_z"):
+        return np.abs(matrices[metric]), visible
+    return matrices[metric], visible
+
+
+def sample_terms(matrices: dict, metric: str, reduction: str, group=None):
+    """(groups, num, den) of ``metric`` over the rows of ``matrices`` (:func:`error_matrices`), through
+    :func:`occbench.metrics.sample_terms`; ``group`` (R,) replaces the sample index as the grouping key
+    (e.g. the window, for heatmaps). The estimate is num.sum() / den.sum()."""
+    values, mask = metric_rows(matrices, metric)
+    key = matrices["sample_index"] if group is None else group
+    groups, num, den = metrics.sample_terms(torch.from_numpy(np.ascontiguousarray(values, dtype=np.float64)),
+                                            torch.from_numpy(np.ascontiguousarray(mask)),
+                                            torch.from_numpy(np.array(key, dtype=np.int64)), reduction)
+    return groups.numpy(), num.numpy(), den.numpy()
+
+
+def pckh_counts(matrices: dict):
+    """(samples, hits (S,14), scored (S,14)) of the PCKh column (NaN = not scored) on visible joints."""
+    samples, hits, totals = metrics.pckh_counts(torch.from_numpy(matrices["pckh"].astype(np.float64)),
+                                                torch.from_numpy(matrices["visible"].astype(bool)),
+                                                torch.from_numpy(matrices["sample_index"].astype(np.int64)))
+    return samples.numpy(), hits.numpy(), totals.numpy()
 
 
 # ------------------------------------------------------------------------------------------ metrics.json
 def summarize(run, chunks: list[int]) -> dict:
     """metrics.json from the chunk files of ``run`` (a :class:`occbench.rundir.RunDir`), one chunk in memory
-    at a time.
+    at a time. Every number is a sum of :func:`occbench.metrics.sample_terms` over chunks (samples never span
+    chunks), so it equals the results' estimate on the concatenated tables.
 
     - ``clean``: the clean copies; ``occluded``: every window; ``worst``: each sample's worst window.
-      Each has mpjpe / pa_mpjpe under both reductions (per-sample and pooled over evaluated joints) and PCKh
-      (per joint over its scored instances, then the mean over joints).
+      Each has mpjpe / pa_mpjpe under both reductions (per-sample and pooled over evaluated joints), PCKh
+      (per joint over its scored instances, then the mean over joints), the count of evaluated joint
+      instances and of rows without PA-MPJPE (fewer than 3 evaluated joints).
     - ``per_joint``: mean MPJPE per joint over every window (evaluated instances).
     - ``by_pattern_doc``: MPJPE per (pattern, DoC) for HKMR protocols (per-sample reduction).
     - ``headline``: the protocol's own numbers (its ``report`` and ``reduction``).
+    Values are stored unrounded.
     """
     protocol = run.config["protocol"]
     acc = {name: _Acc() for name in ("clean", "occluded", "worst")}
@@ -148,12 +201,16 @@ def summarize(run, chunks: list[int]) -> dict:
         acc["clean"].add(joints[is_clean])
         acc["occluded"].add(joints[~is_clean])
         acc["worst"].add(joints[~is_clean & is_worst])
-        occl = joints[~is_clean & joints["visible"]]
-        np.add.at(per_joint[0], occl["joint"].to_numpy(), occl["mpjpe"].to_numpy())
-        np.add.at(per_joint[1], occl["joint"].to_numpy(), 1)
+        if (~is_clean).any():
+            occl = error_matrices(joints[~is_clean])
+            for j in range(N_JOINTS):
+                _, num, den = metrics.sample_terms(torch.from_numpy(occl["mpjpe"][:, j:j + 1].astype(np.float64)),
+                                                   torch.from_numpy(occl["visible"][:, j:j + 1]),
+                                                   reduction="pooled-visible")
+                per_joint[:, j] += (float(num.sum()), float(den.sum()))
         if protocol["kind"] == "hkmr":
-            for (pattern, doc), part in joints[~is_clean].groupby(["pattern", "doc"]):
-                groups.setdefault((pattern, int(doc)), _Acc()).add(part)
+            for (pattern, doc), part in joints[~is_clean].groupby(["pattern", "doc"], sort=False):
+                groups.setdefault((pattern, int(doc)), _Acc()).add(part.sort_index())
     out = {"n_samples": n_samples, "n_failed": n_failed}
     for name, a in acc.items():
         out[name] = a.result()
@@ -172,41 +229,43 @@ def summarize(run, chunks: list[int]) -> dict:
 
 def _num(value):
     value = float(value)
-    return None if not math.isfinite(value) else round(value, 4)
+    return None if not math.isfinite(value) else value
 
 
 class _Acc:
-    """Streaming sums for per-sample and pooled means and per-joint PCKh."""
+    """Sums of :func:`sample_terms` (both reductions) and PCKh counts over chunks."""
 
     def __init__(self):
-        self.sample_sums = {"mpjpe": 0.0, "pa_mpjpe": 0.0}
-        self.n_sample = 0
-        self.pooled = {"mpjpe": 0.0, "pa_mpjpe": 0.0}
-        self.n_pooled = 0
+        self.sums = {(m, r): np.zeros(2) for m in ("mpjpe", "pa_mpjpe") for r in metrics.REDUCTIONS}
         self.pck = np.zeros((2, N_JOINTS))
+        self.n_pooled = 0
+        self.n_pa_undefined = 0
 
     def add(self, rows):
-        rows = rows[rows["visible"]]
         if rows.empty:
             return
-        for name in ("mpjpe", "pa_mpjpe"):
-            self.pooled[name] += float(rows[name].astype(np.float64).sum())
-            self.sample_sums[name] += float(per_sample_means(rows, name).astype(np.float64).sum())
-        self.n_sample += int(rows["sample_index"].nunique())
-        self.n_pooled += len(rows)
-        scored = rows[np.isfinite(rows["pckh"].to_numpy())]
-        np.add.at(self.pck[0], scored["joint"].to_numpy(), scored["pckh"].to_numpy())
-        np.add.at(self.pck[1], scored["joint"].to_numpy(), 1)
+        matrices = error_matrices(rows)
+        for (metric, reduction), total in self.sums.items():
+            _, num, den = sample_terms(matrices, metric, reduction)
+            total += (num.sum(), den.sum())
+        visible = matrices["visible"].astype(bool)
+        self.n_pooled += int(visible.sum())
+        count = visible.sum(axis=1)
+        self.n_pa_undefined += int(((count > 0) & (count < metrics.MIN_PA_JOINTS)).sum())
+        _, hits, totals = pckh_counts(matrices)
+        self.pck += (hits.sum(axis=0), totals.sum(axis=0))
 
     def result(self):
-        with np.errstate(invalid="ignore", divide="ignore"):
-            per_joint = self.pck[0] / self.pck[1]
-            res = {name: {"per-sample": _num(self.sample_sums[name] / self.n_sample) if self.n_sample else None,
-                          "pooled-visible": _num(self.pooled[name] / self.n_pooled) if self.n_pooled else None}
-                   for name in ("mpjpe", "pa_mpjpe")}
-        finite = per_joint[np.isfinite(per_joint)]
-        res["pckh"] = _num(100.0 * finite.mean()) if len(finite) else None
+        res = {}
+        for metric in ("mpjpe", "pa_mpjpe"):
+            res[metric] = {}
+            for reduction in metrics.REDUCTIONS:
+                num, den = self.sums[(metric, reduction)]
+                res[metric][reduction] = _num(num / den) if den > 0 else None
+        mean, _ = metrics.pckh_from_counts(torch.from_numpy(self.pck[0]), torch.from_numpy(self.pck[1]))
+        res["pckh"] = _num(100.0 * float(mean))
         res["n_joint_instances"] = self.n_pooled
+        res["n_rows_without_pa_mpjpe"] = self.n_pa_undefined
         return res
 
 
