@@ -178,6 +178,23 @@ def test_checkpoint_is_passed_to_the_builder_and_its_sha256_recorded(work, mine)
     assert model["checkpoint_sha256"] == hashlib.sha256(b"my weights").hexdigest()
 
 
+def test_outside_run_resumes_and_refuses_other_declared_outputs(work, mine, capsys):
+    builder = f"{work / 'my_model.py'}:build"
+    out = occbench.benchmark(model=builder, protocol="clean", out_dir=work / "resume", device="cpu",
+                             model_options={"form": "vertices"}, **RUN)
+    first = _joints(out)
+    _cli(["run", "--model", builder, "--model-option", "form=vertices", "-p", "clean", "--out", str(out),
+          "--no-report"] + CLI_RUN)
+    config = json.loads((out / "run.json").read_text())
+    assert config["resumed"] == 1 and config["model"]["builder"] == builder
+    pd.testing.assert_frame_equal(_joints(out), first, check_exact=True)
+    with pytest.raises(SystemExit) as exit_info:    # other declared outputs: another run, not a resume
+        cli_main(["run", "--model", builder, "--model-option", "form=joints", "-p", "clean", "--out", str(out),
+                  "--no-report"] + CLI_RUN)
+    assert exit_info.value.code == 2
+    assert "holds a different run (model differs" in capsys.readouterr().err
+
+
 def test_joints_only_report_has_no_mesh_section_and_says_why(work, mine):
     run_dir = occbench.run_protocol(mine.build("joints"), occbench.open_dataset("demo"), "occsens40",
                                     work / "report-joints", **RUN)
