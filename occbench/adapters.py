@@ -35,7 +35,7 @@ Cameras (``Outputs.camera``):
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
@@ -114,6 +114,10 @@ def wrap_model(fn_or_module, *, name: str, input_size: int = 224, normalization=
     if not callable(fn_or_module):
         raise UserError(f"wrap_model({name!r}): expected a function or nn.Module, got {type(fn_or_module).__name__}")
     if isinstance(outputs, dict):
+        unknown = set(outputs) - {f.name for f in fields(Outputs)}
+        if unknown:
+            raise UserError(f"wrap_model({name!r}): outputs has unknown fields {sorted(unknown)}; valid: "
+                            f"{', '.join(f.name for f in fields(Outputs))}")
         outputs = Outputs(**outputs)
     outputs = outputs if outputs is not None else Outputs()
     if not isinstance(outputs, Outputs):

@@ -247,6 +247,8 @@ def test_nans_missing_keys_and_wrong_types_are_refused():
 def test_bad_declarations_are_refused():
     with pytest.raises(UserError, match=r"Outputs\(rotation='quaternion'\): valid: rotmat, axis-angle, 6d"):
         Outputs(rotation="quaternion")
+    with pytest.raises(UserError, match=r"outputs has unknown fields \['rotations'\]; valid: form, rotation"):
+        occbench.wrap_model(lambda x: x, name="mine", outputs={"rotations": "6d"})
     with pytest.raises(UserError, match="that is a zoo model's name"):
         occbench.wrap_model(lambda x: x, name="pare-demo")
     with pytest.raises(UserError, match=r"normalization='caffe'; valid: 'imagenet', None"):
