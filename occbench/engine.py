@@ -73,15 +73,16 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
                  max_windows: int | None = None,
                  shard: str | Shard | None = None, replay=None, dtd_root=None, voc_root=None,
                  chunk_samples: int | None = None, progress: bool = True, model_info: dict | None = None,
-                 protocol_overrides: dict | None = None, quiet: bool = False) -> Path:
+                 protocol_overrides: dict | None = None, quiet: bool = False, scale=None) -> Path:
     """Run ``protocol`` for ``model`` on ``dataset``; return the run directory (resumed if it exists).
 
     model: a ZooModel (from :func:`occbench.load_model`); dataset: from :func:`occbench.open_dataset`;
     protocol: a :class:`Protocol`, a built-in name or a TOML path. replay: a finished run directory whose
     per-sample worst windows are evaluated (transfer of an adversarial set); the protocol and seed are
     then taken from that run (leave ``seed`` out; without replay it defaults to 0). Shard: "k/N".
-    chunk_samples: samples per resumable chunk (default from the windows per sample). Returns the run
-    directory path.
+    chunk_samples: samples per resumable chunk (default from the windows per sample). scale: an
+    :class:`occbench.parallel.ScaleOut` evaluates the chunks on many workers (same tables as one process).
+    Returns the run directory path.
     """
     check_run_options(seed=seed, batch_size=batch_size, limit=limit, max_windows=max_windows, replay=replay)
     seed = 0 if seed is None else seed
@@ -194,7 +195,7 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
         return _run_chunks(run, runner, dataset, n_samples, chunk_samples, shard, progress, quiet, ChunkContext(
 protocol=protocol, runner=runner, input_size=input_size, seed=int(seed),
                        batch_size=int(batch_size), pelvis=pelvis, textures=textures, voc=voc, only=only,
-                       max_windows=max_windows))
+                       max_windows=max_windows), scale=scale, dtd_root=dtd_root, voc_root=voc_root)
     finally:
         run.close()
 
@@ -211,15 +212,20 @@ def _readable_config(out_dir) -> dict | None:
 
 
 def _run_chunks(run: RunDir, runner: Runner, dataset, n_samples, chunk_samples, shard, progress, quiet,
-                ctx: ChunkContext) -> Path:
+                ctx: ChunkContext, scale=None, dtd_root=None, voc_root=None) -> Path:
     """Execute the chunks not done yet (damaged ones recomputed and reported), then finish the run."""
     chunks = plan_chunks(n_samples, chunk_samples, shard)
     todo = [c for c in chunks if not run.has_chunk(c[0])]
     _report_repairs(run)
     start = time.perf_counter()
     runner.forward_seconds = 0.0
-    stats = execute_chunks(run, ctx, dataset, todo, total=sum(e - s for _, s, e in chunks),
-                           progress=progress and not quiet)
+    if scale is not None and todo:
+        from occbench.parallel import run_chunks
+        stats = run_chunks(run, ctx, runner.model, dataset, todo, chunks, scale, progress and not quiet,
+                           dtd_root=dtd_root, voc_root=voc_root)
+    else:
+        stats = execute_chunks(run, ctx, dataset, todo, total=sum(e - s for _, s, e in chunks),
+                               progress=progress and not quiet)
     if todo:
         wall = time.perf_counter() - start
         run.update(timing={"wall_s": round(wall, 3), "forward_s": round(runner.forward_seconds, 3),

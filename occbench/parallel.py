@@ -1,0 +1,421 @@
+"""Running a protocol's chunks on many workers (local processes, a Dask or a Ray cluster) through joblib.
+
+The unit of work is the engine's chunk. The driver (the ``occbench run`` process) plans the run, writes
+run.json, and schedules every chunk that has no ``.done`` marker as one joblib task. A worker process keeps
+one evaluation context per run (model on its device, textures, dataset) in :data:`_STATE`, so the model is
+loaded once per worker and not once per chunk, evaluates the chunk exactly as the serial engine does (same
+chunk boundaries, the run's recorded batch size and memory format) and writes it into the run directory
+with the same atomic files and ``.done`` marker. So a worker killed mid-chunk leaves no ``.done`` and the
+chunk is scheduled again, and a killed driver resumes with the same command.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import os
+import shutil
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from occbench.errors import UserError
+
+BACKENDS = ("loky", "dask", "ray")
+EXTRAS = {"dask": ("distributed", "dask"), "ray": ("ray", "ray")}     # backend -> (module, extra)
+# exceptions that mean "a worker process or its connection died", whatever the backend calls them
+WORKER_LOST = {"TerminatedWorkerError", "BrokenProcessPool", "KilledWorker", "CommClosedError",
+               "FutureCancelledError", "CancelledError", "RayActorError", "ActorDiedError",
+               "WorkerCrashedError", "NodeDiedError", "ActorUnavailableError"}
+MAX_FRUITLESS_ATTEMPTS = 3     # rounds in a row that lose workers and finish no chunk before the run gives up
+
+
+@dataclass(frozen=True)
+class ScaleOut:
+    """How a run is spread over workers (``occbench run --workers/--backend/--scheduler/--address/--devices``).
+
+    workers: concurrent tasks (loky: processes; dask/ray: None = every worker of the cluster).
+    devices: the devices a node's workers take in turn (one worker per entry by default); "auto" = the
+    node's GPUs if it has any, else the CPU. threads: torch threads per worker.
+    """
+
+    workers: int | None = None
+    backend: str = "loky"
+    scheduler: str | None = None
+    address: str | None = None
+    devices: tuple[str, ...] | None = None
+    threads: int = 1
+
+    @classmethod
+    def from_options(cls, workers=None, backend="loky", scheduler=None, address=None, devices=None,
+                     threads=1) -> "ScaleOut | None":
+        """None when the options ask for the ordinary single-process run."""
+        if backend not in BACKENDS:
+            raise UserError(f"--backend {backend!r}: valid: {', '.join(BACKENDS)}")
+        if workers is not None and workers < 1:
+            raise UserError(f"--workers {workers}: give 1 or more")
+        if threads < 1:
+            raise UserError(f"--worker-threads {threads}: give 1 or more")
+        if scheduler and backend != "dask":
+            raise UserError(f"--scheduler {scheduler}: only for --backend dask (got --backend {backend})")
+        if address and backend != "ray":
+            raise UserError(f"--address {address}: only for --backend ray (got --backend {backend})")
+        if isinstance(devices, str):
+            devices = tuple(d.strip() for d in devices.split(",") if d.strip())
+        for device in devices or ():
+            if device != "auto":
+                try:
+                    torch.device(device)
+                except RuntimeError:
+                    raise UserError(f"--devices {','.join(devices)}: {device!r} is not a device "
+                                    "(e.g. cuda:0,cuda:1 or cpu)") from None
+        if backend == "loky" and devices and workers is None:
+            workers = len(devices)
+        if backend == "loky" and (workers or 1) == 1:
+            return None
+        return cls(workers, backend, scheduler, address, tuple(devices) if devices else None, int(threads))
+
+    def describe(self) -> dict:
+        return {"backend": self.backend, "workers": self.workers, "scheduler": self.scheduler,
+                "address": self.address, "devices": list(self.devices or ()), "threads": self.threads}
+
+
+# ------------------------------------------------------------------------------------------ what workers get
+@dataclass(frozen=True)
+class ZooRecipe:
+    """A zoo model rebuilt by each worker from its checkpoint (nothing large is shipped)."""
+
+    name: str
+    checkpoint: str | None
+    weights: str
+    seed: int
+    options: dict
+    digest: str                    # the driver's weights: a worker whose rebuilt model differs refuses to run
+
+    def build(self, device: str):
+        from occbench.zoo import load_model
+        model = load_model(self.name, checkpoint=self.checkpoint, device=device, weights=self.weights,
+                           seed=self.seed, **self.options)
+        if model_digest(model) != self.digest:
+            raise UserError(f"model {self.name!r} rebuilt on a worker from {self.checkpoint or 'its seed'} "
+                            "differs from the driver's model (changed after load_model?); save it with "
+                            "torch.save and load it again, or run with one worker")
+        return model
+
+
+@dataclass(frozen=True)
+class PickledModel:
+    """An in-memory model (Python API) shipped whole: torch.save bytes, unpickled once per worker."""
+
+    payload: bytes
+    digest: str
+
+    def build(self, device: str):
+        return torch.load(io.BytesIO(self.payload), map_location=device, weights_only=False)
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """sha256 over every parameter and buffer (name, dtype, shape, bytes)."""
+    h = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_recipe(model: torch.nn.Module):
+    """How workers get ``model``: rebuilt from its zoo name + checkpoint when ``load_model`` made it, else the
+    model itself."""
+    digest = model_digest(model)
+    prov = getattr(model, "provenance", None) or {}
+    if prov.get("model") and prov.get("weights") in ("checkpoint", "random") and \
+            (prov["weights"] == "random" or prov.get("checkpoint")):
+        return ZooRecipe(prov["model"], prov.get("checkpoint"), prov["weights"], int(prov.get("seed", 0)),
+                         dict(prov.get("options") or {}), digest)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    return PickledModel(buffer.getvalue(), digest)
+
+
+def portable_dataset(dataset):
+    """A shallow copy without the per-process caches (body models, decoded GT) so it pickles small."""
+    import copy
+    out = copy.copy(dataset)
+    if hasattr(out, "_bodies"):
+        out._bodies = {}
+    if hasattr(out, "_chunk_cache"):
+        out._chunk_cache = None
+    return out
+
+
+@dataclass
+class ChunkJob:
+    """Everything a worker needs to evaluate any chunk of one run; pickled with each task (small: the model
+    is a recipe unless it came from the Python API, the dataset holds its records, not images)."""
+
+    token: str                     # one per driver session: the key of a worker's cached context
+    run_dir: str
+    model: ZooRecipe | PickledModel
+    dataset: object
+    protocol: object
+    input_size: int
+    seed: int
+    batch_size: int
+    precision: str
+    memory_format: str
+    pelvis: str
+    only: dict | None = None
+    max_windows: int | None = None
+    dtd_root: str | None = None
+    voc_root: str | None = None
+    devices: tuple[str, ...] = ("auto",)
+    threads: int = 1
+
+
+# ------------------------------------------------------------------------------------------ worker side
+_STATE: dict = {}       # token -> (context, dataset, device): this process's evaluation context of a run
+_SLOTS: list = []       # open lock files: this process's device slot, held until the process ends
+
+
+def run_chunk(job: ChunkJob, chunk: tuple[int, int, int]) -> dict:
+    """Evaluate one chunk on this worker and write it into the run directory; return its counts."""
+    from occbench.engine import _evaluate_chunk, _load_samples
+    from occbench.rundir import RunDir
+    ctx, dataset, device = _context(job)
+    index, first, end = chunk
+    windows, forward = ctx.stats["windows"], ctx.runner.forward_seconds
+    loaded, failed = _load_samples(dataset, first, end)
+    tables = _evaluate_chunk(ctx, loaded, failed)
+    RunDir(job.run_dir, {}).write_chunk(index, tables)
+    return {"chunk": index, "samples": end - first, "windows": ctx.stats["windows"] - windows,
+            "forward_s": ctx.runner.forward_seconds - forward, "pid": os.getpid(), "device": device}
+
+
+def _context(job: ChunkJob):
+    if job.token in _STATE:
+        return _STATE[job.token]
+    from occbench import engine
+    from occbench.occluders import VocOccluders
+    _STATE.clear()              # a new run: drop the previous run's model before loading this one
+    torch.set_num_threads(job.threads)
+    device = _device(job.devices, _claim_slot(job.token))
+    model = job.model.build(device)
+    runner = engine.Runner(model, precision=job.precision, memory_format=job.memory_format)
+    with contextlib.redirect_stderr(io.StringIO()):   # the driver already warned about fallback textures
+        textures, _ = engine._textures_for(job.protocol, job.input_size, job.dtd_root)
+    voc = VocOccluders.open(job.voc_root) if job.protocol.kind == "voc" else None
+    ctx = engine._Context(protocol=job.protocol, runner=runner, input_size=job.input_size, seed=job.seed,
+                          batch_size=job.batch_size, pelvis=job.pelvis, textures=textures, voc=voc,
+                          only=job.only, max_windows=job.max_windows)
+    _STATE[job.token] = (ctx, job.dataset, device)
+    return _STATE[job.token]
+
+
+def _slot_folder(token: str) -> Path:
+    return Path(tempfile.gettempdir()) / f"occbench-slots-{token}"
+
+
+def _claim_slot(token: str) -> int:
+    """The lowest slot number no other live worker of this run holds on this node (a file lock that the
+    OS releases when the process dies, so a restarted worker takes over the dead one's device)."""
+    import fcntl
+    for fd in _SLOTS:
+        os.close(fd)
+    _SLOTS.clear()
+    folder = _slot_folder(token)
+    folder.mkdir(parents=True, exist_ok=True)
+    for slot in range(4096):
+        fd = os.open(folder / f"{slot}.lock", os.O_CREAT | os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        _SLOTS.append(fd)
+        return slot
+    return os.getpid()
+
+
+def _device(devices: tuple[str, ...], slot: int) -> str:
+    device = devices[slot % len(devices)]
+    if device != "auto":
+        return device
+    count = torch.cuda.device_count()
+    return f"cuda:{slot % count}" if count else "cpu"
+
+
+# ------------------------------------------------------------------------------------------ driver side
+def execute(run, job: ChunkJob, todo: list, all_chunks: list, scale: ScaleOut, progress: bool = True) -> dict:
+    """Evaluate the chunks ``todo`` on the workers ``scale`` names; return this session's counts.
+
+    Chunks whose worker died are scheduled again (``MAX_FRUITLESS_ATTEMPTS`` rounds in a row that finish
+    nothing stop the run with the backend's error; the chunks done so far stay done).
+    """
+    import joblib
+    run.update(parallel=scale.describe())
+    counts = {"samples": 0, "windows": 0, "forward_s": 0.0, "tasks": 0, "retries": 0}
+    monitor = _Progress(run, all_chunks, progress)
+    fruitless = 0
+    try:
+        with _backend(scale) as n_jobs:
+            while True:
+                todo = [c for c in todo if not run.has_chunk(c[0])]
+                if not todo:
+                    break
+                done_before = len(run.done_chunks())
+                try:
+                    results = joblib.Parallel(n_jobs=n_jobs, batch_size=1, pre_dispatch="2*n_jobs")(
+                        joblib.delayed(run_chunk)(job, chunk) for chunk in todo)
+                except Exception as err:
+                    if not _worker_lost(err):
+                        raise
+                    counts["retries"] += 1
+                    fruitless = 0 if len(run.done_chunks()) > done_before else fruitless + 1
+                    if fruitless >= MAX_FRUITLESS_ATTEMPTS:
+                        raise UserError(f"{scale.backend}: workers died {fruitless} times in a row without "
+                                        f"finishing a chunk ({type(err).__name__}: {err}); the chunks done so "
+                                        "far are kept: run the same command again to resume") from err
+                    monitor.note(f"a worker died ({type(err).__name__}); rescheduling its chunks")
+                    continue
+                for r in results:
+                    counts["tasks"] += 1
+                    for key in ("samples", "windows", "forward_s"):
+                        counts[key] += r[key]
+    finally:
+        monitor.close()
+        shutil.rmtree(_slot_folder(job.token), ignore_errors=True)
+    counts["windows_seen"] = monitor.windows
+    return counts
+
+
+def _worker_lost(err: BaseException) -> bool:
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if any(cls.__name__ in WORKER_LOST for cls in type(err).__mro__):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def _require(backend: str):
+    module, extra = EXTRAS[backend]
+    try:
+        return __import__(module)
+    except ImportError:
+        raise UserError(f"--backend {backend} needs the {extra} extra: pip install 'occbench[{extra}]'") from None
+
+
+@contextlib.contextmanager
+def _backend(scale: ScaleOut):
+    """Enter the joblib backend ``scale`` names; yield the n_jobs to pass to Parallel."""
+    import joblib
+    if scale.backend == "loky":
+        n_jobs = scale.workers
+        with joblib.parallel_config(backend="loky", n_jobs=n_jobs, inner_max_num_threads=scale.threads):
+            yield n_jobs
+        # free the workers' models now rather than after loky's idle timeout
+        from joblib.externals.loky import get_reusable_executor
+        get_reusable_executor().shutdown(wait=True)
+    elif scale.backend == "dask":
+        _require("dask")
+        from distributed import Client, LocalCluster
+        cluster = None
+        if scale.scheduler:
+            try:
+                client = Client(scale.scheduler, timeout=30)
+            except (OSError, TimeoutError) as err:
+                raise UserError(f"--scheduler {scale.scheduler}: no Dask scheduler answered ({err}); start one "
+                                "with `dask scheduler` or leave out --scheduler for a local cluster") from None
+        else:
+            cluster = LocalCluster(n_workers=scale.workers or 1, threads_per_worker=1, processes=True,
+                                   dashboard_address=None)
+            client = Client(cluster)
+        try:
+            with joblib.parallel_config(backend="dask", n_jobs=scale.workers or -1):
+                yield scale.workers or -1
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+    else:
+        ray = _require("ray")
+        from ray.util.joblib import register_ray
+        started = not ray.is_initialized()
+        if started:
+            if scale.address:
+                ray.init(address=scale.address, log_to_driver=False)
+            else:
+                ray.init(num_cpus=scale.workers or 1, include_dashboard=False, log_to_driver=False)
+        register_ray()
+        try:
+            with joblib.parallel_config(backend="ray", n_jobs=scale.workers or -1):
+                yield scale.workers or -1
+        finally:
+            if started:
+                ray.shutdown()
+
+
+class _Progress:
+    """One bar on the driver for the whole run: chunks done / total, windows/s over all workers (read from
+    the run directory, so it counts whatever worker finished a chunk)."""
+
+    def __init__(self, run, all_chunks, enabled: bool, interval: float = 0.5):
+        from tqdm import tqdm
+        self.run = run
+        self.planned = {c for c, _, _ in all_chunks}
+        self.seen = set(run.done_chunks()) & self.planned
+        self.windows = 0
+        self.start = time.perf_counter()
+        self.bar = tqdm(total=len(self.planned), initial=len(self.seen), unit="chunk", disable=not enabled,
+                        dynamic_ncols=True, desc=run.config["protocol"]["name"])
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _loop(self, interval):
+        while not self._stop.wait(interval):
+            self.poll()
+
+    def poll(self):
+        import pyarrow.parquet as pq
+        new = (set(self.run.done_chunks()) & self.planned) - self.seen
+        for chunk in sorted(new):
+            path = self.run.chunk_path(chunk, "samples.parquet")
+            self.windows += int(sum(pq.read_table(path, columns=["n_windows"]).column(0).to_pylist()))
+        self.seen |= new
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.set_postfix_str(f"{self.windows / elapsed:.1f} windows/s")
+        self.bar.update(len(new))
+
+    def note(self, text: str):
+        self.bar.write(text)
+
+    def close(self):
+        self._stop.set()
+        self._thread.join()
+        self.poll()
+        self.bar.close()
+
+
+def run_chunks(run, ctx, model, dataset, todo, all_chunks, scale: ScaleOut, progress: bool = True, *,
+               dtd_root=None, voc_root=None) -> None:
+    """The engine's entry point: evaluate ``todo`` on the workers instead of in this process, and add the
+    workers' counts to ``ctx.stats`` / ``ctx.runner.forward_seconds`` as the serial loop would."""
+    devices = scale.devices or (("cpu",) if ctx.runner.device.type == "cpu" else ("auto",))
+    job = ChunkJob(token=uuid.uuid4().hex[:16], run_dir=str(Path(run.path).resolve()), model=model_recipe(model),
+                   dataset=portable_dataset(dataset), protocol=ctx.protocol, input_size=ctx.input_size,
+                   seed=ctx.seed, batch_size=ctx.batch_size, precision=ctx.runner.precision,
+                   memory_format=ctx.runner.memory_format, pelvis=ctx.pelvis, only=ctx.only,
+                   max_windows=ctx.max_windows, dtd_root=None if dtd_root is None else str(dtd_root),
+                   voc_root=None if voc_root is None else str(voc_root), devices=devices, threads=scale.threads)
+    counts = execute(run, job, todo, all_chunks, scale, progress)
+    ctx.stats["samples"] += counts["samples"]
+    ctx.stats["windows"] += counts["windows"]
+    ctx.runner.forward_seconds += counts["forward_s"]
