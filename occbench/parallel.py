@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import io
 import os
 import shutil
+import socket
 import tempfile
 import threading
 import time
@@ -74,6 +76,8 @@ class ScaleOut:
                 except RuntimeError:
                     raise UserError(f"--devices {','.join(devices)}: {device!r} is not a device "
                                     "(e.g. cuda:0,cuda:1 or cpu)") from None
+        if backend in EXTRAS:
+            _require(backend)
         if backend == "loky" and devices and workers is None:
             workers = len(devices)
         if backend == "loky" and (workers or 1) == 1:
@@ -194,7 +198,8 @@ def run_chunk(job: ChunkJob, chunk: tuple[int, int, int]) -> dict:
     tables = _evaluate_chunk(ctx, loaded, failed)
     RunDir(job.run_dir, {}).write_chunk(index, tables)
     return {"chunk": index, "samples": end - first, "windows": ctx.stats["windows"] - windows,
-            "forward_s": ctx.runner.forward_seconds - forward, "pid": os.getpid(), "device": device}
+            "forward_s": ctx.runner.forward_seconds - forward, "host": socket.gethostname(), "pid": os.getpid(),
+            "device": device}
 
 
 def _context(job: ChunkJob):
@@ -259,7 +264,8 @@ def execute(run, job: ChunkJob, todo: list, all_chunks: list, scale: ScaleOut, p
     """
     import joblib
     run.update(parallel=scale.describe())
-    counts = {"samples": 0, "windows": 0, "forward_s": 0.0, "tasks": 0, "retries": 0}
+    counts = {"samples": 0, "windows": 0, "forward_s": 0.0, "retries": 0}
+    workers: dict = {}
     monitor = _Progress(run, all_chunks, progress)
     fruitless = 0
     try:
@@ -284,13 +290,17 @@ def execute(run, job: ChunkJob, todo: list, all_chunks: list, scale: ScaleOut, p
                     monitor.note(f"a worker died ({type(err).__name__}); rescheduling its chunks")
                     continue
                 for r in results:
-                    counts["tasks"] += 1
                     for key in ("samples", "windows", "forward_s"):
                         counts[key] += r[key]
+                    key = (r["host"], r["pid"], r["device"])
+                    workers[key] = workers.get(key, 0) + 1
     finally:
         monitor.close()
         shutil.rmtree(_slot_folder(job.token), ignore_errors=True)
-    counts["windows_seen"] = monitor.windows
+    # which processes evaluated the chunks of the last, complete round (earlier rounds lost workers)
+    run.update(parallel={**scale.describe(), "retries": counts["retries"], "worker_pids": sorted(
+        {pid for _, pid, _ in workers}), "workers_seen": [{"host": h, "pid": p, "device": d, "chunks": n}
+                                                          for (h, p, d), n in sorted(workers.items())]})
     return counts
 
 
@@ -307,7 +317,7 @@ def _worker_lost(err: BaseException) -> bool:
 def _require(backend: str):
     module, extra = EXTRAS[backend]
     try:
-        return __import__(module)
+        return importlib.import_module(module)
     except ImportError:
         raise UserError(f"--backend {backend} needs the {extra} extra: pip install 'occbench[{extra}]'") from None
 

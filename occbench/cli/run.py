@@ -49,19 +49,30 @@ def protocols(verbose):
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 @click.option("--limit", default=None, type=int, help="Only the first N samples.")
 @click.option("--max-windows", default=None, type=int, help="Only each sample's first N windows (quick looks).")
+@click.option("--chunk-samples", default=None, type=int,
+              help="Samples per resumable chunk, the unit a worker evaluates (default from the windows per sample).")
 @click.option("--shard", default=None, help="k/N: run the k-th of N disjoint slices (join with `occbench merge`).")
 @click.option("--replay", default=None, help="Finished run dir: evaluate its worst window of every sample.")
 @click.option("--dtd-root", default=None, help="DTD folder (dtd/ or dtd/images) for AdvOcc textures.")
 @click.option("--voc-root", default=None, help="Pascal VOC 2012 folder (VOCdevkit/VOC2012) for voc-objects.")
 @click.option("--set", "overrides", multiple=True, metavar="FIELD=VALUE",
               help="Override a protocol field, e.g. --set stride=20 --set reference=clean (repeatable).")
+@click.option("--workers", default=None, type=int,
+              help="Evaluate chunks on N worker processes (default 1; one per --devices entry).")
+@click.option("--backend", type=click.Choice(["loky", "dask", "ray"]), default="loky", show_default=True,
+              help="loky: local processes; dask / ray: a cluster (extras occbench[dask] / occbench[ray]).")
+@click.option("--scheduler", default=None, help="Dask scheduler address tcp://HOST:PORT (else a local cluster).")
+@click.option("--address", default=None, help="Ray cluster address (auto, ray://HOST:PORT; else a local Ray).")
+@click.option("--devices", default=None, help="Devices a node's workers take in turn, e.g. cuda:0,cuda:1.")
+@click.option("--worker-threads", default=1, show_default=True, type=int, help="Torch threads per worker.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--report", "report_dir", default=None,
               help="Where the run's HTML report goes (default reports/<run directory name>).")
 @click.option("--no-report", is_flag=True, help="Do not write the HTML report at the end.")
 def run(model_name, protocol_name, dataset, dataset_root, checkpoint, weights, model_options, out_dir, seed,
-        batch_size, precision, memory_format, device, limit, max_windows, shard, replay, dtd_root, voc_root,
-        overrides, no_progress, report_dir, no_report):
+        batch_size, precision, memory_format, device, limit, max_windows, chunk_samples, shard, replay, dtd_root,
+        voc_root, overrides, workers, backend, scheduler, address, devices, worker_threads, no_progress, report_dir,
+        no_report):
     """Run a protocol end to end and write a run directory (resumes when it exists)."""
     from occbench.errors import UserError
     from occbench.protocol import parse_override
@@ -93,6 +104,12 @@ def run(model_name, protocol_name, dataset, dataset_root, checkpoint, weights, m
         if in_zoo:
             from occbench.models import get_entry
             protocol.check_input_size(int(options.get("input_size", get_entry(model_name).input_size)))
+    if chunk_samples is not None and chunk_samples < 1:
+        raise UserError(f"--chunk-samples {chunk_samples}: give 1 or more")
+    from occbench.parallel import ScaleOut
+    scale = ScaleOut.from_options(workers, backend, scheduler, address, devices, worker_threads)
+    if scale is not None and scale.devices and device is None and scale.devices[0] != "auto":
+        device = scale.devices[0]      # the driver measures the batch size on the workers' kind of device
     from occbench.data import open_dataset
     from occbench.engine import run_protocol
     from occbench.plugins import load_any_model
@@ -104,7 +121,8 @@ def run(model_name, protocol_name, dataset, dataset_root, checkpoint, weights, m
     run_dir = run_protocol(model, data, protocol_name, out_dir, seed=seed, batch_size=batch_size,
                            precision=precision, memory_format=memory_format, limit=limit, max_windows=max_windows,
                            shard=shard, replay=replay, dtd_root=dtd_root, voc_root=voc_root,
-                           progress=not no_progress, protocol_overrides=protocol_overrides or None)
+                           chunk_samples=chunk_samples, progress=not no_progress,
+                           protocol_overrides=protocol_overrides or None, scale=scale)
     if shard or no_report:
         return
     from pathlib import Path
