@@ -41,9 +41,10 @@ MAX_FRUITLESS_ATTEMPTS = 3     # rounds in a row that lose workers and finish no
 class ScaleOut:
     """How a run is spread over workers (``occbench run --workers/--backend/--scheduler/--address/--devices``).
 
-    workers: concurrent tasks (loky: processes; dask/ray: None = every worker of the cluster).
-    devices: the devices a node's workers take in turn (one worker per entry by default); "auto" = the
-    node's GPUs if it has any, else the CPU. threads: torch threads per worker.
+    workers: loky: worker processes; dask: the local cluster's workers (a --scheduler cluster uses all of
+    its workers); ray: tasks in flight (None: one per CPU of the Ray cluster).
+    devices: the devices a node's workers take in turn (loky: one worker per entry by default); "auto" = the
+    node's GPUs if it has any (loky: one worker per GPU), else the CPU. threads: torch threads per worker.
     """
 
     workers: int | None = None
@@ -78,8 +79,8 @@ class ScaleOut:
                                     "(e.g. cuda:0,cuda:1 or cpu)") from None
         if backend in EXTRAS:
             _require(backend)
-        if backend == "loky" and devices and workers is None:
-            workers = len(devices)
+        if backend == "loky" and devices and workers is None:     # one worker per device
+            workers = (torch.cuda.device_count() or 1) if tuple(devices) == ("auto",) else len(devices)
         if backend == "loky" and (workers or 1) == 1:
             return None
         return cls(workers, backend, scheduler, address, tuple(devices) if devices else None, int(threads))
@@ -193,11 +194,12 @@ def run_chunk(job: ChunkJob, chunk: tuple[int, int, int]) -> dict:
     from occbench.rundir import RunDir
     ctx, dataset, device = _context(job)
     index, first, end = chunk
-    windows, forward = ctx.stats["windows"], ctx.runner.forward_seconds
+    forward = ctx.runner.forward_seconds
     loaded, failed = _load_samples(dataset, first, end)
     tables = _evaluate_chunk(ctx, loaded, failed)
     RunDir(job.run_dir, {}).write_chunk(index, tables)
-    return {"chunk": index, "samples": end - first, "windows": ctx.stats["windows"] - windows,
+    return {"chunk": index, "samples": end - first,
+            "windows": int(sum(tables["samples"].column("n_windows").to_pylist())),
             "forward_s": ctx.runner.forward_seconds - forward, "host": socket.gethostname(), "pid": os.getpid(),
             "device": device}
 
@@ -262,22 +264,20 @@ def execute(run, job: ChunkJob, todo: list, all_chunks: list, scale: ScaleOut, p
     Chunks whose worker died are scheduled again (``MAX_FRUITLESS_ATTEMPTS`` rounds in a row that finish
     nothing stop the run with the backend's error; the chunks done so far stay done).
     """
-    import joblib
     run.update(parallel=scale.describe())
     counts = {"samples": 0, "windows": 0, "forward_s": 0.0, "retries": 0}
     workers: dict = {}
     monitor = _Progress(run, all_chunks, progress)
     fruitless = 0
     try:
-        with _backend(scale) as n_jobs:
+        with _backend(scale) as evaluate:
             while True:
                 todo = [c for c in todo if not run.has_chunk(c[0])]
                 if not todo:
                     break
                 done_before = len(run.done_chunks())
                 try:
-                    results = joblib.Parallel(n_jobs=n_jobs, batch_size=1, pre_dispatch="2*n_jobs")(
-                        joblib.delayed(run_chunk)(job, chunk) for chunk in todo)
+                    results = evaluate(job, todo)
                 except Exception as err:
                     if not _worker_lost(err):
                         raise
@@ -324,52 +324,76 @@ def _require(backend: str):
 
 @contextlib.contextmanager
 def _backend(scale: ScaleOut):
-    """Enter the joblib backend ``scale`` names; yield the n_jobs to pass to Parallel."""
-    import joblib
+    """Connect to the workers ``scale`` names; yield ``evaluate(job, chunks) -> [run_chunk results]``."""
     if scale.backend == "loky":
-        n_jobs = scale.workers
-        with joblib.parallel_config(backend="loky", n_jobs=n_jobs, inner_max_num_threads=scale.threads):
-            yield n_jobs
+        import joblib
+        with joblib.parallel_config(backend="loky", n_jobs=scale.workers, inner_max_num_threads=scale.threads):
+            yield _joblib_map
         # free the workers' models now rather than after loky's idle timeout
         from joblib.externals.loky import get_reusable_executor
         get_reusable_executor().shutdown(wait=True)
     elif scale.backend == "dask":
-        _require("dask")
-        from distributed import Client, LocalCluster
-        cluster = None
-        if scale.scheduler:
-            try:
-                client = Client(scale.scheduler, timeout=30)
-            except (OSError, TimeoutError) as err:
-                raise UserError(f"--scheduler {scale.scheduler}: no Dask scheduler answered ({err}); start one "
-                                "with `dask scheduler` or leave out --scheduler for a local cluster") from None
-        else:
-            cluster = LocalCluster(n_workers=scale.workers or 1, threads_per_worker=1, processes=True,
-                                   dashboard_address=None)
-            client = Client(cluster)
-        try:
-            with joblib.parallel_config(backend="dask", n_jobs=scale.workers or -1):
-                yield scale.workers or -1
-        finally:
-            client.close()
-            if cluster is not None:
-                cluster.close()
+        with _dask_client(scale) as client:
+            yield lambda job, chunks: _dask_map(client, job, chunks)
     else:
         ray = _require("ray")
+        import joblib
         from ray.util.joblib import register_ray
         started = not ray.is_initialized()
         if started:
             if scale.address:
                 ray.init(address=scale.address, log_to_driver=False)
-            else:
-                ray.init(num_cpus=scale.workers or 1, include_dashboard=False, log_to_driver=False)
+            else:   # at least 2: joblib runs n_jobs=1 in the driver process whatever the backend
+                ray.init(num_cpus=max(2, scale.workers or os.cpu_count()), include_dashboard=False,
+                         log_to_driver=False)
         register_ray()
         try:
             with joblib.parallel_config(backend="ray", n_jobs=scale.workers or -1):
-                yield scale.workers or -1
+                yield _joblib_map
         finally:
             if started:
                 ray.shutdown()
+
+
+def _joblib_map(job, chunks):
+    import joblib
+    # one chunk per task, so a dead worker loses one chunk's work, not a batch
+    return joblib.Parallel(batch_size=1, pre_dispatch="2*n_jobs")(
+        joblib.delayed(run_chunk)(job, chunk) for chunk in chunks)
+
+
+@contextlib.contextmanager
+def _dask_client(scale: ScaleOut):
+    """The Dask client directly (not joblib's Dask backend, which runs everything in the driver when the
+    cluster has one thread): the scheduler itself reruns a task whose worker died."""
+    _require("dask")
+    from distributed import Client, LocalCluster
+    cluster = None
+    if scale.scheduler:
+        try:
+            client = Client(scale.scheduler, timeout=30)
+        except (OSError, TimeoutError) as err:
+            raise UserError(f"--scheduler {scale.scheduler}: no Dask scheduler answered ({err}); start one "
+                            "with `dask scheduler` or leave out --scheduler for a local cluster") from None
+    else:
+        cluster = LocalCluster(n_workers=scale.workers or os.cpu_count(), threads_per_worker=1, processes=True,
+                               dashboard_address=None)
+        client = Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def _dask_map(client, job, chunks):
+    shipped = client.scatter(job, broadcast=True, hash=False)     # once per worker, not once per task
+    futures = client.map(run_chunk, [shipped] * len(chunks), chunks, pure=False)
+    try:
+        return client.gather(futures)
+    finally:
+        client.cancel(futures)
 
 
 class _Progress:
@@ -415,9 +439,9 @@ class _Progress:
 
 
 def run_chunks(run, ctx, model, dataset, todo, all_chunks, scale: ScaleOut, progress: bool = True, *,
-               dtd_root=None, voc_root=None) -> None:
-    """The engine's entry point: evaluate ``todo`` on the workers instead of in this process, and add the
-    workers' counts to ``ctx.stats`` / ``ctx.runner.forward_seconds`` as the serial loop would."""
+               dtd_root=None, voc_root=None) -> dict:
+    """The engine's entry point: evaluate ``todo`` on the workers instead of in this process. Returns
+    {"samples", "windows"} evaluated and adds the workers' forward time to ``ctx.runner.forward_seconds``."""
     devices = scale.devices or (("cpu",) if ctx.runner.device.type == "cpu" else ("auto",))
     job = ChunkJob(token=uuid.uuid4().hex[:16], run_dir=str(Path(run.path).resolve()), model=model_recipe(model),
                    dataset=portable_dataset(dataset), protocol=ctx.protocol, input_size=ctx.input_size,
@@ -426,6 +450,5 @@ def run_chunks(run, ctx, model, dataset, todo, all_chunks, scale: ScaleOut, prog
                    max_windows=ctx.max_windows, dtd_root=None if dtd_root is None else str(dtd_root),
                    voc_root=None if voc_root is None else str(voc_root), devices=devices, threads=scale.threads)
     counts = execute(run, job, todo, all_chunks, scale, progress)
-    ctx.stats["samples"] += counts["samples"]
-    ctx.stats["windows"] += counts["windows"]
     ctx.runner.forward_seconds += counts["forward_s"]
+    return {"samples": counts["samples"], "windows": counts["windows"]}

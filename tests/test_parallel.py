@@ -109,7 +109,8 @@ def test_dask_cluster_with_a_killed_worker_gives_the_same_tables(single_run, tmp
         killer.join()
         assert killer.killed not in client.run(os.getpid).values()    # the nanny started a new worker
     assert_same_tables(single_run, out)
-    assert json.loads((out / "run.json").read_text())["parallel"]["backend"] == "dask"
+    config = json.loads((out / "run.json").read_text())
+    assert config["parallel"]["backend"] == "dask" and os.getpid() not in config["parallel"]["worker_pids"]
 
 
 def test_ray_local_instance_with_a_killed_worker_gives_the_same_tables(single_run, tmp_path):
@@ -123,7 +124,8 @@ def test_ray_local_instance_with_a_killed_worker_gives_the_same_tables(single_ru
     finally:
         ray.shutdown()
     assert_same_tables(single_run, out)
-    print(json.loads((out / "run.json").read_text())["parallel"])
+    config = json.loads((out / "run.json").read_text())
+    assert config["parallel"]["backend"] == "ray" and os.getpid() not in config["parallel"]["worker_pids"]
 
 
 def test_options_are_checked_before_anything_runs(monkeypatch):

@@ -63,7 +63,8 @@ def protocols(verbose):
               help="loky: local processes; dask / ray: a cluster (extras occbench[dask] / occbench[ray]).")
 @click.option("--scheduler", default=None, help="Dask scheduler address tcp://HOST:PORT (else a local cluster).")
 @click.option("--address", default=None, help="Ray cluster address (auto, ray://HOST:PORT; else a local Ray).")
-@click.option("--devices", default=None, help="Devices a node's workers take in turn, e.g. cuda:0,cuda:1.")
+@click.option("--devices", default=None,
+              help="Devices a node's workers take in turn, e.g. cuda:0,cuda:1; auto: one worker per GPU.")
 @click.option("--worker-threads", default=1, show_default=True, type=int, help="Torch threads per worker.")
 @click.option("--no-progress", is_flag=True)
 @click.option("--report", "report_dir", default=None,
