@@ -2,8 +2,9 @@
 (issue 17, "Figures").
 
 (a) the same run (pare-demo, occsens40, demo set, one sample per chunk) evaluated by the ordinary single
-    process (--workers 1) and by 2 loky workers, each with one torch thread: end-to-end wall time (worker start + model load included) and the steady
-    rate measured from the chunks' .done times once every worker has finished its first chunk;
+    process (--workers 1) and by 2 loky workers, each with one torch thread: end-to-end wall time (worker
+    start and model load included) and the steady rate measured from the chunks' .done times once every
+    worker has finished its first chunk;
 (b) Dask (a LocalCluster of 1 worker, one thread): a task that carries the run's job but evaluates nothing
     (the round trip: scheduling, shipping the job, the answer), and the first chunk's extra time over a
     steady chunk (the worker loading the model and building its context, once per worker and run).

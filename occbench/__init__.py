@@ -24,6 +24,7 @@ _LAZY = {
     "benchmark": "occbench.engine",
     "run_protocol": "occbench.engine",
     "merge_runs": "occbench.engine",
+    "ScaleOut": "occbench.parallel",
     "load_run": "occbench.results",
     "compare_runs": "occbench.results",
     "write_report": "occbench.report",
