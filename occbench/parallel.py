@@ -121,6 +121,8 @@ class PickledModel:
     digest: str
 
     def build(self, device: str):
+        # full unpickling is safe here: these bytes are the driver's own model, made by torch.save in
+        # model_recipe, never a file from outside (those go through occbench.safe_pickle)
         return torch.load(io.BytesIO(self.payload), map_location=device, weights_only=False)
 
 
@@ -166,6 +168,7 @@ class ChunkJob:
 
     token: str                     # one per driver session: the key of a worker's cached context
     run_dir: str
+    run_config: dict               # run.json as the driver opened it (the identity chunk markers record)
     model: ZooRecipe | PickledModel
     dataset: object
     protocol: object
@@ -190,14 +193,15 @@ _SLOTS: list = []       # open lock files: this process's device slot, held unti
 
 def run_chunk(job: ChunkJob, chunk: tuple[int, int, int]) -> dict:
     """Evaluate one chunk on this worker and write it into the run directory; return its counts."""
-    from occbench.engine import _evaluate_chunk, _load_samples
+    from occbench.evaluate import evaluate_chunk, load_samples
     from occbench.rundir import RunDir
     ctx, dataset, device = _context(job)
     index, first, end = chunk
     forward = ctx.runner.forward_seconds
-    loaded, failed = _load_samples(dataset, first, end)
-    tables = _evaluate_chunk(ctx, loaded, failed)
-    RunDir(job.run_dir, {}).write_chunk(index, tables)
+    loaded, failed = load_samples(dataset, first, end)
+    tables = evaluate_chunk(ctx, loaded, failed)
+    # the driver holds the run's lock; its config gives the identity the chunk's .done marker records
+    RunDir(job.run_dir, job.run_config).write_chunk(index, tables)
     return {"chunk": index, "samples": end - first,
             "windows": int(sum(tables["samples"].column("n_windows").to_pylist())),
             "forward_s": ctx.runner.forward_seconds - forward, "host": socket.gethostname(), "pid": os.getpid(),
@@ -207,19 +211,21 @@ def run_chunk(job: ChunkJob, chunk: tuple[int, int, int]) -> dict:
 def _context(job: ChunkJob):
     if job.token in _STATE:
         return _STATE[job.token]
-    from occbench import engine
-    from occbench.occluders import VocOccluders
+    from occbench.engine import _textures_for
+    from occbench.evaluate import ChunkContext
+    from occbench.runner import Runner
+    from occbench.voc import VocOccluders
     _STATE.clear()              # a new run: drop the previous run's model before loading this one
     torch.set_num_threads(job.threads)
     device = _device(job.devices, _claim_slot(job.token))
     model = job.model.build(device)
-    runner = engine.Runner(model, precision=job.precision, memory_format=job.memory_format)
+    runner = Runner(model, precision=job.precision, memory_format=job.memory_format)
     with contextlib.redirect_stderr(io.StringIO()):   # the driver already warned about fallback textures
-        textures, _ = engine._textures_for(job.protocol, job.input_size, job.dtd_root)
-    voc = VocOccluders.open(job.voc_root) if job.protocol.kind == "voc" else None
-    ctx = engine._Context(protocol=job.protocol, runner=runner, input_size=job.input_size, seed=job.seed,
-                          batch_size=job.batch_size, pelvis=job.pelvis, textures=textures, voc=voc,
-                          only=job.only, max_windows=job.max_windows)
+        textures, _ = _textures_for(job.protocol, job.input_size, job.dtd_root)
+    voc = VocOccluders.open(job.voc_root) if job.protocol.uses_voc else None
+    ctx = ChunkContext(protocol=job.protocol, runner=runner, input_size=job.input_size, seed=job.seed,
+                       batch_size=job.batch_size, pelvis=job.pelvis, textures=textures, voc=voc,
+                       only=job.only, max_windows=job.max_windows)
     _STATE[job.token] = (ctx, job.dataset, device)
     return _STATE[job.token]
 
@@ -275,14 +281,14 @@ def execute(run, job: ChunkJob, todo: list, all_chunks: list, scale: ScaleOut, p
                 todo = [c for c in todo if not run.has_chunk(c[0])]
                 if not todo:
                     break
-                done_before = len(run.done_chunks())
+                done_before = len(run.marked_chunks())
                 try:
                     results = evaluate(job, todo)
                 except Exception as err:
                     if not _worker_lost(err):
                         raise
                     counts["retries"] += 1
-                    fruitless = 0 if len(run.done_chunks()) > done_before else fruitless + 1
+                    fruitless = 0 if len(run.marked_chunks()) > done_before else fruitless + 1
                     if fruitless >= MAX_FRUITLESS_ATTEMPTS:
                         raise UserError(f"{scale.backend}: workers died {fruitless} times in a row without "
                                         f"finishing a chunk ({type(err).__name__}: {err}); the chunks done so "
@@ -398,13 +404,14 @@ def _dask_map(client, job, chunks):
 
 class _Progress:
     """One bar on the driver for the whole run: chunks done / total, windows/s over all workers (read from
-    the run directory, so it counts whatever worker finished a chunk)."""
+    the run directory's .done markers, so it counts whatever worker finished a chunk; the driver verifies
+    every chunk's checksums when the round ends)."""
 
     def __init__(self, run, all_chunks, enabled: bool, interval: float = 0.5):
         from tqdm import tqdm
         self.run = run
         self.planned = {c for c, _, _ in all_chunks}
-        self.seen = set(run.done_chunks()) & self.planned
+        self.seen = set(run.marked_chunks()) & self.planned
         self.windows = 0
         self.start = time.perf_counter()
         self.bar = tqdm(total=len(self.planned), initial=len(self.seen), unit="chunk", disable=not enabled,
@@ -419,7 +426,7 @@ class _Progress:
 
     def poll(self):
         import pyarrow.parquet as pq
-        new = (set(self.run.done_chunks()) & self.planned) - self.seen
+        new = (set(self.run.marked_chunks()) & self.planned) - self.seen
         for chunk in sorted(new):
             path = self.run.chunk_path(chunk, "samples.parquet")
             self.windows += int(sum(pq.read_table(path, columns=["n_windows"]).column(0).to_pylist()))
@@ -443,7 +450,8 @@ def run_chunks(run, ctx, model, dataset, todo, all_chunks, scale: ScaleOut, prog
     """The engine's entry point: evaluate ``todo`` on the workers instead of in this process. Returns
     {"samples", "windows"} evaluated and adds the workers' forward time to ``ctx.runner.forward_seconds``."""
     devices = scale.devices or (("cpu",) if ctx.runner.device.type == "cpu" else ("auto",))
-    job = ChunkJob(token=uuid.uuid4().hex[:16], run_dir=str(Path(run.path).resolve()), model=model_recipe(model),
+    job = ChunkJob(token=uuid.uuid4().hex[:16], run_dir=str(Path(run.path).resolve()), run_config=run.config,
+                   model=model_recipe(model),
                    dataset=portable_dataset(dataset), protocol=ctx.protocol, input_size=ctx.input_size,
                    seed=ctx.seed, batch_size=ctx.batch_size, precision=ctx.runner.precision,
                    memory_format=ctx.runner.memory_format, pelvis=ctx.pelvis, only=ctx.only,

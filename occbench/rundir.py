@@ -458,11 +458,14 @@ class RunDir:
         for name in TABLES:
             _discard(self.chunk_path(chunk, f"{name}.parquet"))
 
+    def marked_chunks(self) -> list[int]:
+        """Chunks with a ``.done`` marker, not verified (cheap: for watching a run that workers write)."""
+        return sorted(int(p.name.split("-")[1].split(".")[0]) for p in (self.path / "chunks").glob("chunk-*.done"))
+
     def done_chunks(self) -> list[int]:
         """Complete and intact chunks (damaged ones are skipped and recorded in :attr:`recomputed`)."""
-        found = sorted(int(p.name.split("-")[1].split(".")[0]) for p in (self.path / "chunks").glob("chunk-*.done"))
         good = []
-        for chunk in found:
+        for chunk in self.marked_chunks():
             problem = self.chunk_problem(chunk)
             if problem is None:
                 good.append(chunk)
