@@ -56,7 +56,7 @@ def dask_overhead(model, dataset, folder, args):
                        batch_size=args.batch_size, memory_format="contiguous", quiet=True)
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
-        job = parallel.ChunkJob(token="bench", run_dir=str(run), model=parallel.model_recipe(model),
+        job = parallel.ChunkJob(token="bench", run_dir=str(run), run_config={}, model=parallel.model_recipe(model),
                                 dataset=parallel.portable_dataset(dataset), protocol=None, input_size=0, seed=0,
                                 batch_size=1, precision="fp32", memory_format="contiguous", pelvis="h36m-root")
         shipped = client.scatter(job, broadcast=True, hash=False)    # as parallel.execute does

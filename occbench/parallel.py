@@ -189,6 +189,7 @@ class ChunkJob:
 # ------------------------------------------------------------------------------------------ worker side
 _STATE: dict = {}       # token -> (context, dataset, device): this process's evaluation context of a run
 _SLOTS: list = []       # open lock files: this process's device slot, held until the process ends
+_LOADS = {"count": 0}   # models this process has loaded (recorded in run.json: once per worker and run)
 
 
 def run_chunk(job: ChunkJob, chunk: tuple[int, int, int]) -> dict:
@@ -205,7 +206,7 @@ def run_chunk(job: ChunkJob, chunk: tuple[int, int, int]) -> dict:
     return {"chunk": index, "samples": end - first,
             "windows": int(sum(tables["samples"].column("n_windows").to_pylist())),
             "forward_s": ctx.runner.forward_seconds - forward, "host": socket.gethostname(), "pid": os.getpid(),
-            "device": device}
+            "device": device, "model_loads": _LOADS["count"]}
 
 
 def _context(job: ChunkJob):
@@ -219,6 +220,7 @@ def _context(job: ChunkJob):
     torch.set_num_threads(job.threads)
     device = _device(job.devices, _claim_slot(job.token))
     model = job.model.build(device)
+    _LOADS["count"] += 1
     runner = Runner(model, precision=job.precision, memory_format=job.memory_format)
     with contextlib.redirect_stderr(io.StringIO()):   # the driver already warned about fallback textures
         textures, _ = _textures_for(job.protocol, job.input_size, job.dtd_root)
@@ -298,15 +300,18 @@ def execute(run, job: ChunkJob, todo: list, all_chunks: list, scale: ScaleOut, p
                 for r in results:
                     for key in ("samples", "windows", "forward_s"):
                         counts[key] += r[key]
-                    key = (r["host"], r["pid"], r["device"])
-                    workers[key] = workers.get(key, 0) + 1
+                    seen = workers.setdefault((r["host"], r["pid"], r["device"]), {"chunks": 0, "model_loads": 0})
+                    seen["chunks"] += 1
+                    seen["model_loads"] = max(seen["model_loads"], r["model_loads"])
     finally:
         monitor.close()
         shutil.rmtree(_slot_folder(job.token), ignore_errors=True)
-    # which processes evaluated the chunks of the last, complete round (earlier rounds lost workers)
-    run.update(parallel={**scale.describe(), "retries": counts["retries"], "worker_pids": sorted(
-        {pid for _, pid, _ in workers}), "workers_seen": [{"host": h, "pid": p, "device": d, "chunks": n}
-                                                          for (h, p, d), n in sorted(workers.items())]})
+    # which processes evaluated how many chunks (a round that lost a worker returns nothing, so its chunks
+    # are not counted here) and how often each loaded the model
+    run.update(parallel={**scale.describe(), "retries": counts["retries"],
+                         "worker_pids": sorted({pid for _, pid, _ in workers}),
+                         "workers_seen": [{"host": h, "pid": p, "device": d, **n}
+                                          for (h, p, d), n in sorted(workers.items())]})
     return counts
 
 
