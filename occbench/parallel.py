@@ -1,7 +1,7 @@
-"""Running a protocol's chunks on many workers (local processes, a Dask or a Ray cluster) through joblib.
+"""Running a protocol's chunks on many workers: local processes and Ray through joblib, Dask through its client.
 
 The unit of work is the engine's chunk. The driver (the ``occbench run`` process) plans the run, writes
-run.json, and schedules every chunk that has no ``.done`` marker as one joblib task. A worker process keeps
+run.json, and schedules every chunk that has no ``.done`` marker as one task. A worker process keeps
 one evaluation context per run (model on its device, textures, dataset) in :data:`_STATE`, so the model is
 loaded once per worker and not once per chunk, evaluates the chunk exactly as the serial engine does (same
 chunk boundaries, the run's recorded batch size and memory format) and writes it into the run directory
@@ -108,8 +108,8 @@ class ZooRecipe:
                            seed=self.seed, **self.options)
         if model_digest(model) != self.digest:
             raise UserError(f"model {self.name!r} rebuilt on a worker from {self.checkpoint or 'its seed'} "
-                            "differs from the driver's model (changed after load_model?); save it with "
-                            "torch.save and load it again, or run with one worker")
+                            "differs from the driver's model (weights changed after load_model?); save its "
+                            "state_dict and load that with load_model(checkpoint=...), or run with one worker")
         return model
 
 
