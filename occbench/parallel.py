@@ -92,8 +92,9 @@ class ScaleOut:
 
 # ------------------------------------------------------------------------------------------ what workers get
 @dataclass(frozen=True)
-class ZooRecipe:
-    """A zoo model rebuilt by each worker from its checkpoint (nothing large is shipped)."""
+class ModelRecipe:
+    """A model each worker rebuilds by name (nothing large is shipped): a zoo model from its checkpoint or
+    seed, an outside model (plugin name or builder path) through its builder."""
 
     name: str
     checkpoint: str | None
@@ -103,13 +104,13 @@ class ZooRecipe:
     digest: str                    # the driver's weights: a worker whose rebuilt model differs refuses to run
 
     def build(self, device: str):
-        from occbench.zoo import load_model
-        model = load_model(self.name, checkpoint=self.checkpoint, device=device, weights=self.weights,
-                           seed=self.seed, **self.options)
+        from occbench.plugins import load_any_model
+        model = load_any_model(self.name, checkpoint=self.checkpoint, device=device, weights=self.weights,
+                               seed=self.seed, **self.options)
         if model_digest(model) != self.digest:
             raise UserError(f"model {self.name!r} rebuilt on a worker from {self.checkpoint or 'its seed'} "
-                            "differs from the driver's model (weights changed after load_model?); save its "
-                            "state_dict and load that with load_model(checkpoint=...), or run with one worker")
+                            "differs from the driver's model (weights changed after loading?); save its "
+                            "state_dict and load that with --checkpoint, or run with one worker")
         return model
 
 
@@ -137,17 +138,35 @@ def model_digest(model: torch.nn.Module) -> str:
 
 
 def model_recipe(model: torch.nn.Module):
-    """How workers get ``model``: rebuilt from its zoo name + checkpoint when ``load_model`` made it, else the
-    model itself."""
+    """How workers get ``model``: rebuilt by name when the zoo's ``load_model`` or a plugin / builder path
+    made it (its provenance says how), else the model itself."""
     digest = model_digest(model)
     prov = getattr(model, "provenance", None) or {}
-    if prov.get("model") and prov.get("weights") in ("checkpoint", "random") and \
-            (prov["weights"] == "random" or prov.get("checkpoint")):
-        return ZooRecipe(prov["model"], prov.get("checkpoint"), prov["weights"], int(prov.get("seed", 0)),
-                         dict(prov.get("options") or {}), digest)
+    options = dict(prov.get("options") or {})
+    if prov.get("builder"):
+        name = (prov.get("plugin") or {}).get("name") or _absolute_builder(prov["builder"])
+        return ModelRecipe(name, prov.get("checkpoint"), "checkpoint", int(prov.get("seed") or 0), options,
+                           digest)
+    if prov.get("model") and not prov.get("outside_model") and (
+            prov.get("weights") == "random" or (prov.get("weights") == "checkpoint" and prov.get("checkpoint"))):
+        return ModelRecipe(prov["model"], prov.get("checkpoint"), prov["weights"], int(prov.get("seed") or 0),
+                           options, digest)
     buffer = io.BytesIO()
-    torch.save(model, buffer)
+    try:
+        torch.save(model, buffer)
+    except Exception as err:   # a wrapped lambda or local function does not pickle
+        raise UserError(f"model {prov.get('model') or type(model).__name__!r} cannot be shipped to workers "
+                        f"({type(err).__name__}: {err}); give it as a builder (file.py:function) or run with "
+                        "one worker") from None
     return PickledModel(buffer.getvalue(), digest)
+
+
+def _absolute_builder(path: str) -> str:
+    """A builder path whose file part is absolute, so workers with another working directory find it."""
+    module, _, attr = path.rpartition(":")
+    if module.endswith(".py") or "/" in module or os.sep in module:
+        return f"{Path(module).resolve()}:{attr}"
+    return path
 
 
 def portable_dataset(dataset):
@@ -169,7 +188,7 @@ class ChunkJob:
     token: str                     # one per driver session: the key of a worker's cached context
     run_dir: str
     run_config: dict               # run.json as the driver opened it (the identity chunk markers record)
-    model: ZooRecipe | PickledModel
+    model: ModelRecipe | PickledModel
     dataset: object
     protocol: object
     input_size: int

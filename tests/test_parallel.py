@@ -14,7 +14,7 @@ import torch
 
 from occbench.cli import main
 from occbench.errors import UserError
-from occbench.parallel import ScaleOut, _worker_lost
+from occbench.parallel import ModelRecipe, PickledModel, ScaleOut, _worker_lost, model_digest, model_recipe
 
 N_SAMPLES = 6
 # six chunks of one sample, four windows each: several tasks per worker, a few seconds in all
@@ -156,3 +156,42 @@ def test_worker_loss_is_told_apart_from_an_error_in_the_task():
         wrapped = err
     assert _worker_lost(wrapped)
     assert not _worker_lost(ValueError("a bug in the evaluation"))
+
+
+BUILDER = """
+import occbench
+from occbench.adapters import Outputs
+PARE = occbench.load_model("pare-demo", device="cpu")
+
+
+def build():
+    outputs = Outputs(form="smpl", rotation="rotmat")
+    return occbench.wrap_model(PARE.regress, name="mine", input_size=96, outputs=outputs)
+"""
+
+
+def test_workers_rebuild_zoo_and_builder_models_by_name_and_get_other_models_whole(tmp_path, monkeypatch):
+    from occbench.plugins import load_any_model
+    zoo = load_any_model("pare-demo", device="cpu")
+    recipe = model_recipe(zoo)
+    assert isinstance(recipe, ModelRecipe) and recipe.name == "pare-demo"
+    assert model_digest(recipe.build("cpu")) == model_digest(zoo)
+
+    (tmp_path / "my_model.py").write_text(BUILDER)
+    monkeypatch.chdir(tmp_path)
+    outside = load_any_model("my_model.py:build", device="cpu")
+    recipe = model_recipe(outside)
+    assert recipe.name == f"{tmp_path / 'my_model.py'}:build"      # found from any working directory
+    monkeypatch.chdir(tmp_path.parent)
+    assert model_digest(recipe.build("cpu")) == model_digest(outside)
+
+    zoo.provenance = {}                    # as if made by hand: shipped whole
+    shipped = model_recipe(zoo)
+    assert isinstance(shipped, PickledModel)
+    assert model_digest(shipped.build("cpu")) == model_digest(zoo)
+
+    changed = load_any_model("pare-demo", device="cpu")
+    with torch.no_grad():
+        next(changed.parameters()).add_(1.0)   # weights changed after loading: the rebuilt model differs
+    with pytest.raises(UserError, match="differs from the driver's model"):
+        model_recipe(changed).build("cpu")
