@@ -3,8 +3,8 @@
 1. Clean MPJPE of the demo model vs a constant "mean pose" predictor: the mean GT LSP-14 pose of the demo
    set itself (the best constant predictor of that set, so a conservative baseline), and the SMPL mean
    parameters (the model's ``init_pose`` / ``init_shape``). Target: the model at most half the mean pose.
-2. Occlusion sensitivity on ``occsens40-dense`` (run through the engine; 576 windows per sample at 224 px, 784 at
-   the demo model's 96 px, where the 40 px / stride 8 become 17 / 3 px): the mean
+2. Occlusion sensitivity on ``occsens40-dense`` (run through the engine; 576 windows per sample at every input
+   size: at the demo model's 96 px the 40 px patch is 17 px and the 224 grid's positions are scaled): the mean
    per-sample-per-window MPJPE of windows whose centre lies on the body silhouette (the demo set's part
    labels, cropped like the images) vs windows whose centre lies off it; also vs windows that do not touch
    the body at all. Target: on / off >= 1.5. Also, per joint: the error of the joints a window hides (the

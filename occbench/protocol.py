@@ -128,10 +128,10 @@ class Protocol:
         return self.kind == "voc"
 
     def grid(self, input_size: int):
-        """(size_px, stride_px, n_per_axis) at the model's input size."""
-        size = win.scale_px(self.size, input_size)
-        stride = win.scale_px(self.stride, input_size)
-        return size, stride, win.grid_count(input_size, size, stride)
+        """(size_px, nominal stride_px, n_per_axis) at the model's input size; n is the 224 px grid's at every
+        size and the window positions are :func:`occbench.windows.grid_positions` (each one scaled)."""
+        n, _, size = win.grid_positions(self.size, self.stride, input_size)
+        return size, win.scale_px(self.stride, input_size), n
 
     def n_windows(self, input_size: int = 224) -> int | None:
         """Windows per sample (None where it depends on the sample, e.g. joints without GT 2D)."""
@@ -212,12 +212,12 @@ class Protocol:
             table["tex_y"][:] = np.floor(win.uniforms(key, windows, 2) * np.maximum(height - h + 1, 1))
 
     def _grid_table(self, input_size, key, textures):
-        size, stride, n = self.grid(input_size)
-        rows, cols = win.grid_origins(input_size, size, stride)
+        n, origins, size = win.grid_positions(self.size, self.stride, input_size)
+        rows, cols = win.grid_cells(n)
         table = win.empty_table(n * n)
         table["window"] = np.arange(n * n)
         table["grid_row"], table["grid_col"] = rows, cols
-        left, top = cols * stride, rows * stride
+        left, top = origins[cols], origins[rows]
         table["occ_cx"], table["occ_cy"] = left + size / 2.0, top + size / 2.0
         table["occ_hw"][:] = size / 2.0
         table["occ_hh"][:] = size / 2.0

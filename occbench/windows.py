@@ -68,14 +68,23 @@ def grid_count(image_size: int, size: int, stride: int) -> int:
     return int(math.ceil((image_size - size) / stride + 1))
 
 
-def grid_origins(image_size: int, size: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row-major sliding-window grid: (rows (N,), cols (N,)) indices, window n = row * n_axis + col.
+def grid_positions(size: float, stride: float, input_size: int) -> tuple[int, np.ndarray, int]:
+    """A protocol's sliding-window grid at the model's input size: (n per axis, window origins (n,) px, side px).
 
-    Window n covers ``[col * stride, col * stride + size) x [row * stride, ...)``, clipped by the border.
+    The grid is defined at 224 px (``n = grid_count(224, size, stride)``, origins ``k * stride``); each origin
+    is scaled by ``input_size / 224`` and rounded half up on its own, as the side is. Rounding each position,
+    not the stride, gives every model the protocol's exact window count at the same relative positions (a
+    stride rounded on its own would make 784 windows of occsens40-dense at 96 px instead of 576).
+    Window (row, col) covers ``[origins[col], origins[col] + side) x [origins[row], ...)``, clipped by the border.
     """
-    n = grid_count(image_size, size, stride)
-    rows, cols = np.divmod(np.arange(n * n), n)
-    return rows, cols
+    n = grid_count(CANONICAL_SIZE, size, stride)
+    origins = np.array([scale_px(k * stride, input_size) for k in range(n)], dtype=np.int64)
+    return n, origins, scale_px(size, input_size)
+
+
+def grid_cells(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row-major cells of an n x n grid: (rows (n*n,), cols (n*n,)), window index = row * n + col."""
+    return np.divmod(np.arange(n * n), n)
 
 
 # ----------------------------------------------------------------------------------------- randomness

@@ -63,7 +63,8 @@ def test_geometry_at_320_is_scaled_and_drawn_at_input_size():
     bank = occ.TextureBank(occ.skimage_source(), 320)
     table, masks = masks_of(protocol, 320, textures=bank)
     assert masks[0].sum() == 57 * 57 and masks[1][0, 14] and not masks[1][0, 13]
-    assert masks[19].sum() == (320 - 19 * 14) * 57            # last column clipped: 320 - 266 = 54 px wide
+    # the 224 grid's last origin 190 px scaled on its own: round(190 * 320 / 224) = 271, clipped to 49 px wide
+    assert masks[19].sum() == (320 - 271) * 57
     assert table["x0"][1] == pytest.approx(14 * 224 / 320)     # geometry columns stay in 224-crop px
 
 

@@ -103,3 +103,26 @@ def test_voc_without_root_is_a_missing_asset_error():
     from occbench.voc import VocOccluders
     with pytest.raises(MissingAssetError, match="voc-root"):
         VocOccluders.open(None)
+
+
+@pytest.mark.parametrize("name, count", [("occsens40", 36), ("occsens40-dense", 576), ("advocc40", 400),
+                                         ("advocc80", 256)])
+def test_the_same_windows_at_every_input_size(name, count):
+    """The 224 px grid's positions are scaled one by one: every model gets the protocol's window count and the
+    same relative positions (a stride rounded on its own gave 784 occsens40-dense windows at 96 px)."""
+    from occbench import windows as win
+    protocol = load_protocol(name)
+    reference = None
+    for size in (96, 224, 320):
+        assert protocol.n_windows(size) == count
+        n, origins, side = win.grid_positions(protocol.size, protocol.stride, size)
+        assert n * n == count and side == win.scale_px(protocol.size, size)
+        relative = origins * 224 / size                    # back in 224 px: within half a pixel of the grid
+        np.testing.assert_allclose(relative, np.arange(n) * protocol.stride, atol=0.5 * 224 / size + 1e-9)
+        if protocol.kind == "occsens":
+            table = protocol.windows("s", size, seed=0)
+            assert len(table["window"]) == count
+            np.testing.assert_array_equal(table["occ_cx"] - table["occ_hw"], origins[table["grid_col"]])
+            if reference is None:
+                reference = (table["grid_row"], table["grid_col"])
+            np.testing.assert_array_equal(table["grid_row"], reference[0])
