@@ -58,6 +58,10 @@ class ZooModel(nn.Module):
     input_size: int = 224
     normalization: tuple = (IMAGENET_MEAN, IMAGENET_STD)
     joint_set: str = "lsp14"
+    # Where the model's input pixels come from when input_size is not 224: "image" cuts them from the source
+    # image at input_size (the official pipelines: 3DNBF crops 320 px directly); "canonical" resizes the 224 px
+    # crop (bilinear), which is what models trained by `occbench train` learned on (load_model sets it).
+    crop_from: str = "image"
 
     def __init__(self) -> None:
         super().__init__()

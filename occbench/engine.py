@@ -174,7 +174,9 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
                         "pa_mpjpe_min_joints": metrics.MIN_PA_JOINTS,
                         "nan_rule": "a NaN at an evaluated joint makes a reduction NaN",
                         "body_model_standin": bool(getattr(body, "is_standin", False)),
-                        "geometry_scale": f"{input_size}/224 (rounded half up), occluders drawn at {input_size} px"},
+                        "geometry_scale": f"{input_size}/224 (rounded half up, each grid position on its own), "
+                                          f"occluders drawn at {input_size} px",
+                        "crop_resolution": _crop_resolution(model, dataset, input_size)},
     }
     extra = {
         "dataset_provenance": getattr(dataset, "provenance", None),
@@ -192,12 +194,31 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
     }
     run = RunDir.open_or_create(out_dir, {**config, **extra})
     try:
-        return _run_chunks(run, runner, dataset, n_samples, chunk_samples, shard, progress, quiet, ChunkContext(
-protocol=protocol, runner=runner, input_size=input_size, seed=int(seed),
-                       batch_size=int(batch_size), pelvis=pelvis, textures=textures, voc=voc, only=only,
-                       max_windows=max_windows), scale=scale, dtd_root=dtd_root, voc_root=voc_root)
+        ctx = ChunkContext(protocol=protocol, runner=runner, input_size=input_size, seed=int(seed),
+                           batch_size=int(batch_size), pelvis=pelvis, textures=textures, voc=voc, only=only,
+                           max_windows=max_windows, crop_from=_crop_from(model, dataset, input_size))
+        return _run_chunks(run, runner, dataset, n_samples, chunk_samples, shard, progress, quiet, ctx,
+                           scale=scale, dtd_root=dtd_root, voc_root=voc_root)
     finally:
         run.close()
+
+
+def _crop_from(model, dataset, input_size: int) -> str:
+    """"image" when the model's input is cut from the source image at its input size, else "canonical"."""
+    if input_size != 224 and getattr(model, "crop_from", "image") == "image" and hasattr(dataset, "sample"):
+        return "image"
+    return "canonical"
+
+
+def _crop_resolution(model, dataset, input_size: int) -> str:
+    """How the model's input pixels were made (run.json conventions.crop_resolution)."""
+    if input_size == 224:
+        return "224 px cut from the source image"
+    if _crop_from(model, dataset, input_size) == "image":
+        return f"{input_size} px cut from the source image (the model's own crop; geometry in the 224 px crop)"
+    why = ("the model was trained by occbench on 224 px crops resampled to its input size"
+           if getattr(model, "crop_from", "image") == "canonical" else "the dataset gives 224 px crops only")
+    return f"224 px crop resized to {input_size} px (bilinear): {why}"
 
 
 def _readable_config(out_dir) -> dict | None:
@@ -266,11 +287,12 @@ def execute_chunks(run: RunDir, ctx: ChunkContext, dataset, todo, total: int, pr
     stats = {"samples": 0, "windows": 0}
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1) as pool:
-        future = pool.submit(load_samples, dataset, *todo[0][1:]) if todo else None
+        size = ctx.input_size if ctx.crop_from == "image" else None
+        future = pool.submit(load_samples, dataset, *todo[0][1:], size) if todo else None
         for i, (chunk, first, end) in enumerate(todo):
             loaded, failed = future.result()
             if i + 1 < len(todo):
-                future = pool.submit(load_samples, dataset, *todo[i + 1][1:])
+                future = pool.submit(load_samples, dataset, *todo[i + 1][1:], size)
             tables = evaluate_chunk(ctx, loaded, failed)
             run.write_chunk(chunk, tables)
             stats["samples"] += end - first

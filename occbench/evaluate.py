@@ -42,6 +42,8 @@ class ChunkContext:
     voc: VocOccluders | None = None
     only: dict | None = None          # replay: sample_id -> [window]
     max_windows: int | None = None    # only each sample's first N windows (quick looks, benchmarks)
+    crop_from: str = "canonical"      # "image": the model's input is cut from the source image at input_size
+                                      # (Sample.model_crop); "canonical": the 224 px crop resized (bilinear)
 
 
 @dataclass
@@ -51,18 +53,23 @@ class PreparedSample:
     index: int                        # dataset index
     sample: object                    # the dataset's Sample
     crop: np.ndarray                  # (224,224,3) uint8
+    model_crop: np.ndarray | None     # (S,S,3) uint8 at the model's input size, cut from the source image
     joints2d: np.ndarray | None       # (14,2) GT 2D in 224 px, or None
     valid2d: np.ndarray               # (14,) bool
     windows: dict                     # the window table (occbench.windows)
 
 
-def load_samples(dataset, start: int, end: int):
-    """([(index, sample)], [(index, sample_id, reason)]) of dataset indices start..end-1."""
+def load_samples(dataset, start: int, end: int, model_input_size: int | None = None):
+    """([(index, sample)], [(index, sample_id, reason)]) of dataset indices start..end-1; with
+    ``model_input_size`` each sample also carries its crop at that size cut from the source image, when the
+    dataset can (``Dataset.sample``; a dataset object with only ``__getitem__`` gives 224 px crops)."""
     loaded, failed = [], []
     ids = getattr(dataset, "sample_ids", None)
+    direct = model_input_size is not None and hasattr(dataset, "sample")
     for index in range(start, end):
         try:
-            loaded.append((index, dataset[index]))
+            loaded.append((index, dataset.sample(index, model_input_size=model_input_size) if direct
+                           else dataset[index]))
         except Exception as err:  # an unreadable sample must not stop the run; the reason is recorded
             sample_id = str(ids[index]) if ids is not None else f"#{index}"
             failed.append((index, sample_id, f"{type(err).__name__}: {err}"))
@@ -74,6 +81,12 @@ def prepare_sample(ctx: ChunkContext, index: int, sample) -> PreparedSample:
     crop = np.asarray(sample.crop)
     if crop.shape != (224, 224, 3) or crop.dtype != np.uint8:
         raise UserError(f"crop must be (224,224,3) uint8, got {crop.shape} {crop.dtype}")
+    model_crop = getattr(sample, "model_crop", None) if ctx.crop_from == "image" else None
+    if model_crop is not None:
+        model_crop = np.asarray(model_crop)
+        if model_crop.shape != (ctx.input_size, ctx.input_size, 3) or model_crop.dtype != np.uint8:
+            raise UserError(f"model crop must be ({ctx.input_size},{ctx.input_size},3) uint8, got "
+                            f"{model_crop.shape} {model_crop.dtype}")
     if ctx.protocol.reference == "gt":
         if sample.joints3d is None:
             raise UserError("no 3D ground truth (use reference = 'clean', the GT-free mode)")
@@ -94,7 +107,7 @@ def prepare_sample(ctx: ChunkContext, index: int, sample) -> PreparedSample:
                                  joints2d_valid=valid2d, textures=ctx.textures, only=only)
     if ctx.max_windows is not None:
         table = win.select(table, slice(None, ctx.max_windows))
-    return PreparedSample(index, sample, crop, joints2d, valid2d, table)
+    return PreparedSample(index, sample, crop, model_crop, joints2d, valid2d, table)
 
 
 def evaluate_chunk(ctx: ChunkContext, loaded, failed) -> dict:
@@ -111,10 +124,7 @@ def evaluate_chunk(ctx: ChunkContext, loaded, failed) -> dict:
     if not prepared:
         return rundir.chunk_tables(None, [], failed)
 
-    crops = torch.from_numpy(np.stack([p.crop for p in prepared])).to(device)
-    clean = crops.permute(0, 3, 1, 2).float().div_(255.0)
-    if size != clean.shape[-1]:
-        clean = F.interpolate(clean, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    clean = clean_inputs(prepared, size, device)
     n_slots = len(prepared)
 
     with runner.grad_context():
@@ -203,6 +213,20 @@ def evaluate_chunk(ctx: ChunkContext, loaded, failed) -> dict:
     rotmat, betas, cam = (torch.cat(parts).float().cpu().numpy() for parts in zip(*clean_params))
     predictions = rundir.prediction_table(sample_index, list(sample_ids), rotmat, betas, cam)
     return rundir.chunk_tables(joints, summaries, failed, predictions)
+
+
+def clean_inputs(prepared: list, size: int, device) -> torch.Tensor:
+    """(N,3,size,size) RGB [0,1] model inputs of the prepared samples: their crops cut at ``size`` from the
+    source images when every sample has one, else the 224 px crops resized (bilinear, no antialias, as
+    ``ZooModel.preprocess`` and `occbench train` resample them)."""
+    if all(p.model_crop is not None for p in prepared):
+        crops = torch.from_numpy(np.stack([p.model_crop for p in prepared])).to(device)
+        return crops.permute(0, 3, 1, 2).float().div_(255.0)
+    crops = torch.from_numpy(np.stack([p.crop for p in prepared])).to(device)
+    clean = crops.permute(0, 3, 1, 2).float().div_(255.0)
+    if size != clean.shape[-1]:
+        clean = F.interpolate(clean, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
+    return clean
 
 
 def _params_of(pred):

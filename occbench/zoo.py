@@ -129,6 +129,8 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None, device=No
         provenance.update(checkpoint=str(checkpoint), checkpoint_sha256=report.sha256,
                           checkpoint_report=report.summary())
         provenance.update(training_sidecar(checkpoint))
+        if provenance.get("trained_on"):
+            model.crop_from = "canonical"   # `occbench train` feeds 224 px crops resampled to the input size
     model.attach_body_model(body)
     provenance["body_model"] = body.provenance
     model.provenance = provenance

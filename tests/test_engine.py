@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from occbench.data.sample import Sample
@@ -343,3 +344,46 @@ def test_autotune_survives_one_slow_moment_and_prefers_the_larger_of_equal_batch
     speeds = {m["batch"]: m["images_per_s"] for m in tuned["measurements"]}
     assert speeds[16] > 3 * speeds[1]                   # overhead amortized: the per-call cost dominates at 1
     assert tuned["batch_size"] == 16 and runner.formats[-1] == "contiguous"
+
+
+def test_a_320_px_model_sees_a_320_px_crop_of_the_source_image(tmp_path):
+    """3DNBF's pipeline crops 320 px from the image: the engine must not upsample the 224 px crop."""
+    from occbench.data import open_dataset
+    from occbench.body import load_body_model
+    from occbench.data.crop import crop_image
+    dataset = open_dataset("demo", limit=2)
+    model = TinyModel(input_size=320).attach_body_model(load_body_model()).eval()
+    seen = []
+    original = model.regress
+
+    def regress(images):
+        seen.append(images.clone())
+        return original(images)
+
+    model.regress = regress
+    run_dir = run_protocol(model, dataset, "clean", tmp_path / "run", batch_size=2, memory_format="contiguous",
+                           progress=False, quiet=True)
+    config = json.loads((run_dir / "run.json").read_text())
+    assert config["conventions"]["crop_resolution"].startswith("320 px cut from the source image")
+    mean = torch.tensor(model.normalization[0]).view(1, 3, 1, 1)
+    std = torch.tensor(model.normalization[1]).view(1, 3, 1, 1)
+    got = seen[-1] * std + mean                          # back to RGB [0,1]
+    for i in range(2):
+        r = dataset.records
+        direct = crop_image(dataset.load_image(i), r.center[i], float(r.scale[i]), 320)
+        expected = torch.from_numpy(direct).permute(2, 0, 1).float() / 255.0
+        torch.testing.assert_close(got[i], expected, atol=1e-5, rtol=0)
+        resized = F.interpolate(torch.from_numpy(dataset[i].crop).permute(2, 0, 1)[None].float() / 255.0,
+                                size=(320, 320), mode="bilinear", align_corners=False)[0]
+        assert (got[i] - resized).abs().max() > 0.05       # not the 224 crop upsampled
+
+
+def test_occbench_trained_models_keep_the_crops_they_learned_on(tmp_path):
+    """A model trained by `occbench train` (pare-demo) learned on 224 px crops resampled to its input size."""
+    import occbench
+    model = occbench.load_model("pare-demo", device="cpu")
+    assert model.crop_from == "canonical"
+    run_dir = run_protocol(model, occbench.open_dataset("demo", limit=1), "clean", tmp_path / "run", batch_size=1,
+                           memory_format="contiguous", progress=False, quiet=True)
+    crop = json.loads((run_dir / "run.json").read_text())["conventions"]["crop_resolution"]
+    assert crop.startswith("224 px crop resized to 96 px") and "trained by occbench" in crop

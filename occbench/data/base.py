@@ -292,6 +292,13 @@ class Dataset:
                           nearest=True)
 
     def __getitem__(self, i: int) -> Sample:
+        return self.sample(i)
+
+    def sample(self, i: int, model_input_size: int | None = None) -> Sample:
+        """Sample ``i``; with ``model_input_size`` (other than the crop size) ``Sample.model_crop`` is that many
+        pixels cut from the source image with the same box, as the model's own pipeline crops (3DNBF: 320 px),
+        instead of the 224 px crop resized. Geometry (2D joints, occluders' 224 px columns) stays in the
+        224 px canonical crop."""
         if not isinstance(i, (int, np.integer)):
             raise TypeError(f"dataset index must be an int, got {type(i).__name__}")
         if i < 0:
@@ -319,6 +326,9 @@ class Dataset:
                                f"{coverage:.1%} of the sample's box (side {200 * scale:.0f} px at "
                                f"{np.round(center, 1).tolist()}); is it the image the annotation was made on?")
         crop = crop_image(image, center, scale, self.crop_size)
+        model_crop = None
+        if model_input_size is not None and int(model_input_size) != self.crop_size:
+            model_crop = crop_image(image, center, scale, int(model_input_size))
 
         joints3d = vertices = joints2d = valid2d = None
         gender = None
@@ -349,4 +359,4 @@ class Dataset:
             joints3d=joints3d, vertices=vertices, joints2d=joints2d, joints2d_valid=valid2d,
             pose=np.asarray(r.pose[i], np.float32) if has_smpl else None,
             betas=np.asarray(r.betas[i], np.float32) if has_smpl else None,
-            gender=gender, image_path=str(r.image_paths[i]), meta=meta)
+            gender=gender, image_path=str(r.image_paths[i]), meta=meta, model_crop=model_crop)

@@ -18,6 +18,8 @@ class Sample:
     joints2d: (14,2) GT LSP-14 joints in crop pixels, or None
     joints2d_valid: (14,) bool, GT 2D known (independent of occluders and crop bounds)
     pose: (72,) SMPL axis-angle, betas: (10,), gender: 'neutral' | 'male' | 'female' (None if no SMPL GT)
+    model_crop: (S,S,3) uint8 RGB, the same box cut at a model's input size S from the source image (asked for
+        with ``Dataset.sample(i, model_input_size=S)``), or None
     """
 
     sample_id: str
@@ -33,3 +35,4 @@ class Sample:
     gender: str | None = None
     image_path: str = ""
     meta: dict = field(default_factory=dict)
+    model_crop: np.ndarray | None = None
