@@ -100,12 +100,16 @@ class Outputs:
 
 
 def wrap_model(fn_or_module, *, name: str, input_size: int = 224, normalization="imagenet",
-               outputs: Outputs | dict | None = None, body_model=None) -> "WrappedModel":
+               outputs: Outputs | dict | None = None, body_model=None, crop_from: str = "image") -> "WrappedModel":
     """A model occbench runs (``run_protocol``, ``benchmark``, resume, report) from a callable (module docstring).
 
     name: the label of the runs (not a zoo model's name). body_model: occbench's neutral body model by default
-    (:func:`occbench.load_body_model`); joints-only models need none.
+    (:func:`occbench.load_body_model`); joints-only models need none. crop_from: at an input size other than
+    224, "image" cuts the model's input from the source image at that size (as most pipelines crop), or
+    "canonical" resizes the 224 px crop (what models trained by `occbench train` saw).
     """
+    if crop_from not in ("image", "canonical"):
+        raise UserError(f"wrap_model(crop_from={crop_from!r}): expected 'image' or 'canonical'")
     from occbench.models import model_names
     if not isinstance(name, str) or not name:
         raise UserError("wrap_model: give name='...', the label of the model's runs")
@@ -128,6 +132,7 @@ def wrap_model(fn_or_module, *, name: str, input_size: int = 224, normalization=
     mean_std = _normalization(name, normalization)
     cls = WrappedModel if outputs.form == "smpl" else WrappedDirectModel
     model = cls(fn_or_module, name=name, input_size=input_size, normalization=mean_std, outputs=outputs)
+    model.crop_from = crop_from
     if outputs.form != "joints":
         if body_model is None:
             from occbench.body import load_body_model
@@ -139,7 +144,7 @@ def wrap_model(fn_or_module, *, name: str, input_size: int = 224, normalization=
         "wrapper": {"callable": model.callable_name, "input_size": input_size,
                     "normalization": normalization if isinstance(normalization, str) or normalization is None
                     else [list(mean_std[0]), list(mean_std[1])],
-                    "outputs": outputs.describe()},
+                    "outputs": outputs.describe(), "crop_from": crop_from},
         "unavailable": outputs.unavailable(),
         "body_model": body_model.provenance if body_model is not None else None,
     }

@@ -71,7 +71,8 @@ FORMS = {
 
 def build(form="smpl", checkpoint=None):
     fn, outputs = FORMS[form]
-    return occbench.wrap_model(fn, name=f"mine-{form}", input_size=96, outputs=outputs)
+    # pare-demo's network, trained by `occbench train` on 224 px crops resampled to 96 px: the same input
+    return occbench.wrap_model(fn, name=f"mine-{form}", input_size=96, outputs=outputs, crop_from="canonical")
 
 
 def not_a_model():
