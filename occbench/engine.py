@@ -27,7 +27,7 @@ from occbench import occluders as occ
 from occbench import provenance as prov
 from occbench.checks import check_run_options, safe_folder_name
 from occbench.errors import UserError
-from occbench.evaluate import ChunkContext, evaluate_chunk, load_samples
+from occbench.evaluate import ChunkContext, evaluate_chunk, load_chunk
 from occbench.protocol import Protocol, load_protocol, validate
 from occbench.rundir import RUN_JSON, RunDir, Shard, copy_chunks, plan_chunks, read_config
 from occbench.runner import Runner, autotune
@@ -287,12 +287,11 @@ def execute_chunks(run: RunDir, ctx: ChunkContext, dataset, todo, total: int, pr
     stats = {"samples": 0, "windows": 0}
     start = time.perf_counter()
     with ThreadPoolExecutor(max_workers=1) as pool:
-        size = ctx.input_size if ctx.crop_from == "image" else None
-        future = pool.submit(load_samples, dataset, *todo[0][1:], size) if todo else None
+        future = pool.submit(load_chunk, ctx, dataset, *todo[0][1:]) if todo else None
         for i, (chunk, first, end) in enumerate(todo):
             loaded, failed = future.result()
             if i + 1 < len(todo):
-                future = pool.submit(load_samples, dataset, *todo[i + 1][1:], size)
+                future = pool.submit(load_chunk, ctx, dataset, *todo[i + 1][1:])
             tables = evaluate_chunk(ctx, loaded, failed)
             run.write_chunk(chunk, tables)
             stats["samples"] += end - first

@@ -76,6 +76,11 @@ def load_samples(dataset, start: int, end: int, model_input_size: int | None = N
     return loaded, failed
 
 
+def load_chunk(ctx: ChunkContext, dataset, start: int, end: int):
+    """:func:`load_samples` of a chunk, with the model-size crops the context's model is fed."""
+    return load_samples(dataset, start, end, ctx.input_size if ctx.crop_from == "image" else None)
+
+
 def prepare_sample(ctx: ChunkContext, index: int, sample) -> PreparedSample:
     """Validated reference arrays + window table of one sample; raises UserError with the reason."""
     crop = np.asarray(sample.crop)

@@ -203,6 +203,7 @@ class ChunkJob:
     voc_root: str | None = None
     devices: tuple[str, ...] = ("auto",)
     threads: int = 1
+    crop_from: str = "canonical"
 
 
 # ------------------------------------------------------------------------------------------ worker side
@@ -213,12 +214,12 @@ _LOADS = {"count": 0}   # models this process has loaded (recorded in run.json: 
 
 def run_chunk(job: ChunkJob, chunk: tuple[int, int, int]) -> dict:
     """Evaluate one chunk on this worker and write it into the run directory; return its counts."""
-    from occbench.evaluate import evaluate_chunk, load_samples
+    from occbench.evaluate import evaluate_chunk, load_chunk
     from occbench.rundir import RunDir
     ctx, dataset, device = _context(job)
     index, first, end = chunk
     forward = ctx.runner.forward_seconds
-    loaded, failed = load_samples(dataset, first, end)
+    loaded, failed = load_chunk(ctx, dataset, first, end)
     tables = evaluate_chunk(ctx, loaded, failed)
     # the driver holds the run's lock; its config gives the identity the chunk's .done marker records
     RunDir(job.run_dir, job.run_config).write_chunk(index, tables)
@@ -246,7 +247,7 @@ def _context(job: ChunkJob):
     voc = VocOccluders.open(job.voc_root) if job.protocol.uses_voc else None
     ctx = ChunkContext(protocol=job.protocol, runner=runner, input_size=job.input_size, seed=job.seed,
                        batch_size=job.batch_size, pelvis=job.pelvis, textures=textures, voc=voc,
-                       only=job.only, max_windows=job.max_windows)
+                       only=job.only, max_windows=job.max_windows, crop_from=job.crop_from)
     _STATE[job.token] = (ctx, job.dataset, device)
     return _STATE[job.token]
 
@@ -480,7 +481,8 @@ def run_chunks(run, ctx, model, dataset, todo, all_chunks, scale: ScaleOut, prog
                    seed=ctx.seed, batch_size=ctx.batch_size, precision=ctx.runner.precision,
                    memory_format=ctx.runner.memory_format, pelvis=ctx.pelvis, only=ctx.only,
                    max_windows=ctx.max_windows, dtd_root=None if dtd_root is None else str(dtd_root),
-                   voc_root=None if voc_root is None else str(voc_root), devices=devices, threads=scale.threads)
+                   voc_root=None if voc_root is None else str(voc_root), devices=devices, threads=scale.threads,
+                   crop_from=ctx.crop_from)
     counts = execute(run, job, todo, all_chunks, scale, progress)
     ctx.runner.forward_seconds += counts["forward_s"]
     return {"samples": counts["samples"], "windows": counts["windows"]}
