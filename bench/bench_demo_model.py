@@ -233,8 +233,8 @@ def main(argv=None) -> dict:
     from occbench.engine import run_protocol
     from occbench.zoo import load_model
 
-    from occbench.cli.zoo import parse_options
-    model = load_model(args.model, checkpoint=args.checkpoint, device=args.device, **parse_options(args.option))
+    from occbench.keyvalue import parse_pairs
+    model = load_model(args.model, checkpoint=args.checkpoint, device=args.device, **parse_pairs(args.option))
     dataset = open_dataset("demo")
     n = min(args.limit, len(dataset))
     if n < 2:

@@ -98,6 +98,8 @@ class Run:
         trained_on = (self.config.get("model_provenance") or {}).get("trained_on")
         if trained_on:
             out.append(f"model trained on {trained_on}: not comparable to published numbers")
+        if ((self.config.get("model_provenance") or {}).get("checkpoint_report") or {}).get("partial"):
+            out.append("--allow-partial: the checkpoint matched the model only partly; not comparable")
         textures = self.config.get("textures") or {}
         if textures and not textures.get("comparable", True):
             out.append(f"fallback textures ({textures.get('kind')}): not comparable to published AdvOcc numbers")

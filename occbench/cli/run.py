@@ -34,11 +34,18 @@ def protocols(verbose):
 @click.option("--dataset", "-d", default="demo", show_default=True, help="Dataset name or SPIN-format npz.")
 @click.option("--dataset-root", default=None, help="Folder of the dataset (else OCCBENCH_DATASETS_DIR).")
 @click.option("--checkpoint", default=None,
-              help="Official checkpoint file (else looked up); for a builder or plugin: passed to it.")
+              help="Official checkpoint file (else looked up in --checkpoint-dir); for a builder or plugin: passed to it.")
+@click.option("--checkpoint-dir", default=None,
+              help="Folder of the official checkpoint files (else OCCBENCH_CHECKPOINT_DIR, ~/.occbench/checkpoints).")
+@click.option("--allow-partial", is_flag=True,
+              help="Load a checkpoint that matches the model only partly (every result is labelled partial).")
 @click.option("--weights", type=click.Choice(["checkpoint", "random"]), default="checkpoint", show_default=True,
               help="'random' = seeded random weights for smoke runs (labelled in results).")
-@click.option("--model-option", "model_options", multiple=True, metavar="KEY=VALUE",
-              help="Architecture option, e.g. backbone=resnet50 (repeatable).")
+@click.option("--model-option", "-o", "model_options", multiple=True, metavar="KEY=VALUE",
+              help="Architecture option, e.g. -o backbone=resnet50 (repeatable).")
+@click.option("--smpl-dir", default=None, help="Folder of the SMPL files (else OCCBENCH_SMPL_DIR, ~/.occbench/smpl).")
+@click.option("--data-dir", default=None,
+              help="Folder of J_regressor_h36m.npy and smpl_mean_params.npz (else OCCBENCH_DATA_DIR, ~/.occbench/data).")
 @click.option("--out", "out_dir", default=None, help="Run directory (default runs/<model>-<protocol>-...).")
 @click.option("--seed", default=None, type=int,
               help="0..2**32-1, default 0 (a --replay uses the replayed run's seed).")
@@ -70,13 +77,13 @@ def protocols(verbose):
 @click.option("--report", "report_dir", default=None,
               help="Where the run's HTML report goes (default reports/<run directory name>).")
 @click.option("--no-report", is_flag=True, help="Do not write the HTML report at the end.")
-def run(model_name, protocol_name, dataset, dataset_root, checkpoint, weights, model_options, out_dir, seed,
-        batch_size, precision, memory_format, device, limit, max_windows, chunk_samples, shard, replay, dtd_root,
-        voc_root, overrides, workers, backend, scheduler, address, devices, worker_threads, no_progress, report_dir,
-        no_report):
+def run(model_name, protocol_name, dataset, dataset_root, checkpoint, checkpoint_dir, allow_partial, weights,
+        model_options, smpl_dir, data_dir, out_dir, seed, batch_size, precision, memory_format, device, limit,
+        max_windows, chunk_samples, shard, replay, dtd_root, voc_root, overrides, workers, backend, scheduler,
+        address, devices, worker_threads, no_progress, report_dir, no_report):
     """Run a protocol end to end and write a run directory (resumes when it exists)."""
     from occbench.errors import UserError
-    from occbench.protocol import parse_override
+    from occbench.keyvalue import parse_pairs
     if not model_name:
         raise UserError("--model is required (`occbench models` lists them)")
     if not protocol_name and not replay:
@@ -93,11 +100,18 @@ def run(model_name, protocol_name, dataset, dataset_root, checkpoint, weights, m
     if weights == "random" and checkpoint is not None:
         raise UserError(f"--weights random with --checkpoint {checkpoint}: random weights ignore the checkpoint; "
                         "give one of them")
-    protocol_overrides = dict(parse_override(o) for o in overrides)
-    options = dict(parse_override(o) for o in model_options)
+    protocol_overrides = parse_pairs(overrides, "--set")
+    options = parse_pairs(model_options, "--model-option")
     if in_zoo:   # an outside builder's options are checked against its signature when it is called
         from occbench.zoo import check_model_options
         check_model_options(model_name, options)
+    if not in_zoo and (checkpoint_dir or allow_partial):
+        given = "--checkpoint-dir" if checkpoint_dir else "--allow-partial"
+        raise UserError(f"{given}: only for zoo models; {model_name!r} is built by its own builder "
+                        "(pass what it needs with --checkpoint or -o KEY=VALUE)")
+    # zoo models load their body model and checkpoint with these; an outside builder gets only its options
+    loader = dict(smpl_dir=smpl_dir, data_dir=data_dir, checkpoint_dir=checkpoint_dir,
+                  allow_partial=allow_partial) if in_zoo else {}
     protocol = None
     if protocol_name:   # fail on a bad protocol before loading the model
         from occbench.protocol import load_protocol
@@ -115,10 +129,11 @@ def run(model_name, protocol_name, dataset, dataset_root, checkpoint, weights, m
     from occbench.engine import run_protocol
     from occbench.plugins import load_any_model
     model = load_any_model(model_name, checkpoint=checkpoint, device=device, weights=weights,
-                           seed=0 if seed is None else seed, **options)
+                           seed=0 if seed is None else seed, **loader, **options)
     if protocol is not None and not in_zoo:
         protocol.check_input_size(int(model.input_size))
-    data = open_dataset(dataset, root=dataset_root)
+    body_dirs = {key: value for key, value in (("smpl_dir", smpl_dir), ("data_dir", data_dir)) if value}
+    data = open_dataset(dataset, root=dataset_root, **body_dirs)   # the ground truth's body model
     run_dir = run_protocol(model, data, protocol_name, out_dir, seed=seed, batch_size=batch_size,
                            precision=precision, memory_format=memory_format, limit=limit, max_windows=max_windows,
                            shard=shard, replay=replay, dtd_root=dtd_root, voc_root=voc_root,

@@ -7,7 +7,7 @@ import click
 @click.command()
 @click.option("--model", "-m", "model_name", required=True, help="Zoo model name (`occbench models`).")
 @click.option("--backbone", default=None, help="Backbone option of the model (e.g. resnet50, hrnet_w32).")
-@click.option("--option", "-o", "model_options", multiple=True, metavar="KEY=VALUE",
+@click.option("--model-option", "--option", "-o", "model_options", multiple=True, metavar="KEY=VALUE",
               help="Architecture option, e.g. -o head=3x256 -o input_size=128 (repeatable).")
 @click.option("--dataset", "-d", required=True,
               help="Dataset name, synthetic-set folder (occbench datasets make-synthetic) or SPIN-format npz.")
@@ -40,15 +40,15 @@ def train(model_name, backbone, model_options, dataset, steps, out, batch_size, 
           num_threads, no_progress):
     """Train MODEL on DATASET for STEPS steps; write OUT (the model's own checkpoint layout) + OUT.json."""
     from occbench.errors import UserError
-    from occbench.protocol import parse_override
+    from occbench.keyvalue import parse_pair, parse_pairs
     from occbench.train import DEFAULT_WEIGHTS, TrainConfig, train as run_training
 
-    options = dict(parse_override(o) for o in model_options)
+    options = parse_pairs(model_options, "--model-option")
     if backbone:
         options["backbone"] = backbone
     weights = {}
     for text in loss_weights:
-        key, value = parse_override(text)
+        key, value = parse_pair(text, "--loss-weight")
         if key not in DEFAULT_WEIGHTS or not isinstance(value, (int, float)):
             raise UserError(f"--loss-weight {text!r}: expected TERM=NUMBER with TERM one of "
                             f"{', '.join(DEFAULT_WEIGHTS)}")

@@ -2,25 +2,10 @@
 ``occbench check-checkpoint`` (does a checkpoint file fit a zoo model, key by key)."""
 from __future__ import annotations
 
-import ast
 import json
 import sys
 
 import click
-
-
-def parse_options(pairs) -> dict:
-    """``("backbone=resnet50", "head=3x256")`` -> dict; values are Python literals when they parse as one."""
-    options = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise click.BadParameter(f"{pair!r}: expected KEY=VALUE", param_hint="--option")
-        key, value = pair.split("=", 1)
-        try:
-            options[key.strip()] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            options[key.strip()] = value
-    return options
 
 
 def checkpoint_status(entry, checkpoint_dir=None) -> tuple[str | None, str]:
@@ -85,7 +70,7 @@ def models(checkpoint_dir, as_json):
 @click.command("check-checkpoint")
 @click.option("--model", "model_name", required=True, help="Zoo model name (see `occbench models`).")
 @click.argument("file", type=click.Path(dir_okay=False))
-@click.option("-o", "--option", "option_pairs", multiple=True, metavar="KEY=VALUE",
+@click.option("--model-option", "--option", "-o", "option_pairs", multiple=True, metavar="KEY=VALUE",
               help="Architecture option of the model, e.g. -o backbone=resnet50 (repeatable).")
 @click.option("--allow-partial", is_flag=True,
               help="Accept a file that matches only partly (exit 0 if at least one tensor matches).")
@@ -103,7 +88,8 @@ def check_checkpoint(model_name, file, option_pairs, allow_partial, data_dir, as
         entry = get_entry(model_name)
     except KeyError as err:
         raise click.BadParameter(str(err.args[0]), param_hint="--model") from None
-    options = parse_options(option_pairs)
+    from occbench.keyvalue import parse_pairs
+    options = parse_pairs(option_pairs, "--model-option")
     mean_params = None
     if data_dir is not None:
         from occbench.body import load_mean_params
