@@ -264,7 +264,7 @@ class WrappedDirectModel(WrappedModel):
             vertices = None
             joints_smpl = joints.new_full((batch, 24, 3), float("nan"))
             if self.outputs.joints == "h36m17":
-                from occbench.body import H36M_TO_J14
+                from occbench.data.joints import H36M_TO_J14
                 joints_h36m, joints_lsp = joints, joints[:, list(H36M_TO_J14)]
             else:
                 joints_lsp = joints

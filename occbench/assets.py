@@ -5,6 +5,7 @@ default folder under ``~/.occbench``. Nothing is ever downloaded.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -37,17 +38,25 @@ def asset_dir(env_var: str, explicit: str | os.PathLike | None = None) -> Path:
     return ASSET_DIRS[env_var][0]
 
 
-def find_file(filenames, env_var: str, explicit_dir=None, what: str = "", source: str = "") -> Path:
-    """First of ``filenames`` that exists in the asset folder of ``env_var``; else MissingAssetError."""
-    folder = asset_dir(env_var, explicit_dir)
-    for name in filenames:
-        if (folder / name).is_file():
-            return folder / name
-    names = " or ".join(filenames)
-    source = source or ASSET_DIRS[env_var][2]
-    raise MissingAssetError(
-        f"{what + ': ' if what else ''}{names} not found in {folder} (set {env_var} or pass the path); "
-        f"get it from {source}")
+def find_checkpoint_file(filenames, checkpoint_dir=None) -> tuple[Path | None, Path]:
+    """(first of ``filenames`` in the checkpoint folder, else among the weights bundled with occbench, else
+    None; the checkpoint folder searched). Imports no torch: ``occbench models`` lists files quickly."""
+    folder = asset_dir("OCCBENCH_CHECKPOINT_DIR", checkpoint_dir)
+    bundled = Path(__file__).resolve().parent / "assets"   # weights shipped in the package (the demo model)
+    for candidate in (folder, bundled):
+        for name in filenames:
+            if (candidate / name).is_file():
+                return candidate / name, folder
+    return None, folder
+
+
+def sha256_of(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks (checkpoints are hundreds of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def cache_dir() -> Path:

@@ -19,7 +19,6 @@ Where files come from:
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import os
 import warnings
@@ -31,7 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from occbench.assets import ASSET_DIRS, MissingAssetError, asset_dir
+from occbench.assets import ASSET_DIRS, MissingAssetError, asset_dir, sha256_of
+from occbench.data.joints import H36M_TO_J14   # LSP-14 = these rows of the 17 H36M joints
 from occbench.errors import UserError
 from occbench.rotations import axis_angle_to_rotmat
 
@@ -44,14 +44,6 @@ _RELEASE_NAMES = {
 }
 GENDERS = ("neutral", "male", "female")
 
-# Order of the 14 LSP joints out of the 17 H36M ones (SPIN / PARE constants.H36M_TO_J14):
-# right ankle, right knee, right hip, left hip, left knee, left ankle, right wrist, right elbow,
-# right shoulder, left shoulder, left elbow, left wrist, neck, head top.
-H36M_TO_J14 = (6, 5, 4, 1, 2, 3, 16, 15, 14, 11, 12, 13, 8, 10)
-H36M_TO_J17 = tuple(range(17))
-LSP_JOINT_NAMES = ("right_ankle", "right_knee", "right_hip", "left_hip", "left_knee", "left_ankle",
-                   "right_wrist", "right_elbow", "right_shoulder", "left_shoulder", "left_elbow", "left_wrist",
-                   "neck", "head_top")
 # Fallback when J_regressor_h36m.npy is absent: each H36M row taken from the nearest SMPL joint, in the row
 # order SPIN's J_regressor_h36m has (H36M_TO_J14 reads rows 1-3 as the left leg, 4-6 as the right leg):
 # pelvis<-pelvis, hips/knees/ankles<-same, spine<-spine2, thorax<-neck, neck/nose<-head, head top<-head,
@@ -70,14 +62,6 @@ class BodyOutput:
     joints_smpl: torch.Tensor
     joints_h36m: torch.Tensor
     joints_lsp: torch.Tensor
-
-
-def sha256_of(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class BodyModel(nn.Module):

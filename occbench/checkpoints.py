@@ -24,7 +24,6 @@ The official layouts (key names, shapes and dtypes of each released checkpoint) 
 from __future__ import annotations
 
 import ast
-import hashlib
 import importlib.util
 import io
 import logging
@@ -38,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from occbench.assets import MissingAssetError
+from occbench.assets import MissingAssetError, sha256_of
 from occbench.errors import UserError
 from occbench.safe_pickle import RestrictedUnpickler
 
@@ -51,15 +50,6 @@ _LIST_LIMIT = 20  # names listed per category in the one-paragraph error message
 
 
 # ------------------------------------------------------------------------------ reading a file
-
-def sha256_of(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks (checkpoints are hundreds of MB)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(chunk_size), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
 
 class _Opaque:
     """Inert stand-in for a pickled object of a class occbench does not load (hyper-parameters, meta).

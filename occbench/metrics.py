@@ -23,13 +23,10 @@ from __future__ import annotations
 
 import torch
 
+from occbench.data.joints import LSP14_HEAD_TOP, LSP14_LEFT_HIP, LSP14_NECK, LSP14_RIGHT_HIP
+
 MM_PER_M = 1000.0
 
-# LSP-14 order of REFERENCE.md 2
-LSP14_NAMES = ("right_ankle", "right_knee", "right_hip", "left_hip", "left_knee", "left_ankle",
-               "right_wrist", "right_elbow", "right_shoulder", "left_shoulder", "left_elbow", "left_wrist",
-               "neck", "head_top")
-LSP14_RIGHT_HIP, LSP14_LEFT_HIP, LSP14_NECK, LSP14_HEAD_TOP = 2, 3, 12, 13
 
 PELVIS_CONVENTIONS = ("h36m-root", "mid-hip")
 MIN_PA_JOINTS = 3   # a similarity transform needs 3 points: rows with fewer evaluated joints have no PA-MPJPE

@@ -75,7 +75,7 @@ def load_outside_model(name: str, checkpoint=None, device=None, *, seed: int = 0
     import torch
 
     from occbench.adapters import WrappedModel
-    from occbench.body import sha256_of
+    from occbench.assets import sha256_of
     plugins = plugin_entry_points()
     plugin = None
     if is_builder_path(name):

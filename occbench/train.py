@@ -600,7 +600,7 @@ def write_sidecar(cfg: TrainConfig, data: TrainingSet, history: list, out: Path,
                   options: dict | None = None, resumed_from: int | None = None) -> Path:
     """Write FILE.json: how the checkpoint was trained. options: the full architecture options."""
     import occbench
-    from occbench.checkpoints import sha256_of
+    from occbench.assets import sha256_of
 
     synthetic = "synthetic" in data.provenance
     info = {

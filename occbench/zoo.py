@@ -6,21 +6,17 @@ from pathlib import Path
 
 import torch
 
-from occbench.assets import MissingAssetError, asset_dir
+from occbench.assets import MissingAssetError, find_checkpoint_file
 from occbench.errors import UserError
 from occbench.models import get_entry
 
 
 def find_checkpoint(name: str, checkpoint_dir=None) -> Path:
+    """The official checkpoint of zoo model ``name`` (see :func:`occbench.assets.find_checkpoint_file`)."""
     entry = get_entry(name)
-    folder = asset_dir("OCCBENCH_CHECKPOINT_DIR", checkpoint_dir)
-    for filename in entry.checkpoint_files:
-        if (folder / filename).is_file():
-            return folder / filename
-    bundled = Path(__file__).resolve().parent / "assets"  # weights shipped in the package (the demo model)
-    for filename in entry.checkpoint_files:
-        if (bundled / filename).is_file():
-            return bundled / filename
+    found, folder = find_checkpoint_file(entry.checkpoint_files, checkpoint_dir)
+    if found is not None:
+        return found
     raise MissingAssetError(
         f"model {name!r}: no checkpoint ({' or '.join(entry.checkpoint_files)}) in {folder}; "
         f"get it from {entry.checkpoint_source}, put it there or pass --checkpoint FILE "

@@ -17,7 +17,7 @@ def body_model():
 def convert(src, out):
     """Write a plain-numpy .npz copy of an SMPL .pkl SRC (no chumpy needed) to OUT."""
     from occbench.smpl_io import convert_smpl_pkl
-    from occbench.body import sha256_of
+    from occbench.assets import sha256_of
     path = convert_smpl_pkl(src, out)
     click.echo(f"wrote {path} (sha256 {sha256_of(path)})")
 

@@ -10,17 +10,9 @@ import click
 
 def checkpoint_status(entry, checkpoint_dir=None) -> tuple[str | None, str]:
     """(path of the first official file found or None, folder searched); builds nothing, imports no torch."""
-    from occbench.assets import asset_dir
-    folder = asset_dir("OCCBENCH_CHECKPOINT_DIR", checkpoint_dir)
-    from pathlib import Path
-
-    import occbench
-    bundled = Path(occbench.__file__).resolve().parent / "assets"   # weights shipped with occbench (demo)
-    for candidate in (folder, bundled):
-        for filename in entry.checkpoint_files:
-            if (candidate / filename).is_file():
-                return str(candidate / filename), str(folder)
-    return None, str(folder)
+    from occbench.assets import find_checkpoint_file
+    found, folder = find_checkpoint_file(entry.checkpoint_files, checkpoint_dir)
+    return (str(found) if found else None), str(folder)
 
 
 @click.command("models")

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from occbench.assets import sha256_of
 from occbench.data.crop import CROP_SIZE, crop_image, transform_points
 from occbench.data.images import MIN_BOX_COVERAGE, ImageError, box_coverage, read_image
 from occbench.data.joints import H36M_PELVIS, LSP14_LEFT_HIP, LSP14_RIGHT_HIP
@@ -109,17 +110,9 @@ class Records:
         return out
 
 
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def file_provenance(paths) -> dict:
     """{path: {sha256, bytes}} for annotation files."""
-    return {str(p): {"sha256": sha256_file(p), "bytes": os.path.getsize(p)} for p in paths}
+    return {str(p): {"sha256": sha256_of(p), "bytes": os.path.getsize(p)} for p in paths}
 
 
 class Dataset:

@@ -24,7 +24,7 @@ J24_HEAD_TOP_LSP = 13
 J24_PELVIS = 14
 J24_RIGHT_HIP, J24_LEFT_HIP = 2, 3
 
-LSP14_RIGHT_HIP, LSP14_LEFT_HIP = 2, 3
+LSP14_RIGHT_HIP, LSP14_LEFT_HIP, LSP14_NECK, LSP14_HEAD_TOP = 2, 3, 12, 13
 
 # 3DPW poses2d: 18 OpenPose-COCO joints (used only for the person box).
 COCO18_NAMES = ("nose", "neck", "right_shoulder", "right_elbow", "right_wrist", "left_shoulder", "left_elbow",

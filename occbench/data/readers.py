@@ -25,7 +25,6 @@ from occbench.data.joints import (HUMANDATA_NUM_KEYPOINTS, HUMANDATA_TO_J14_CAND
                                   PW3D_TEST_SEQUENCES)
 from occbench.errors import UserError
 
-SUBSETS = (None, "test", "occ")
 
 
 # ---------------------------------------------------------------------------------------------- helpers

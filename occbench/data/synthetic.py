@@ -295,19 +295,6 @@ def _decode_labels(red: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return labels
 
 
-def _look_pose(direction: np.ndarray) -> np.ndarray:
-    """4x4 OpenGL pose of a directional light shining along ``direction`` (OpenGL camera frame)."""
-    z = -np.asarray(direction, np.float64)
-    z /= np.linalg.norm(z)
-    up = np.array([0.0, 1.0, 0.0]) if abs(z[1]) < 0.9 else np.array([1.0, 0.0, 0.0])
-    x = np.cross(up, z)
-    x /= np.linalg.norm(x)
-    y = np.cross(z, x)
-    pose = np.eye(4)
-    pose[:3, :3] = np.stack([x, y, z], axis=1)
-    return pose
-
-
 def spin_j24_from_h36m(h36m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(B,17,3) H36M joints -> (B,24,3) SPIN J24 joints and (24,) bool 'filled' (face joints 19-23 are not)."""
     j24 = np.zeros(h36m.shape[:1] + (24, h36m.shape[2]))
