@@ -62,7 +62,7 @@ def occbench_commands(markdown: str) -> list[tuple[int, list[str]]]:
                 if arg in SEPARATORS:
                     break
                 args.append(arg)
-            if args:
+            if any(arg != "..." for arg in args):      # "`occbench ...`" in prose names no command
                 commands.append((number, args))
     return commands
 
