@@ -15,14 +15,18 @@ SEPARATORS = {";", "&&", "||", "|", "&", ">", ">>", "<", "(", ")"}
 
 
 def code_lines(markdown: str) -> list[tuple[int, str]]:
-    """(line number, text) of every line of code: fenced blocks, indented blocks and inline code spans."""
-    out, fenced, previous_blank, in_indented = [], False, True, False
+    """(line number, text) of every line of code: fenced blocks (not Python ones), indented blocks and
+    inline code spans."""
+    out, fenced, python, previous_blank, in_indented = [], False, False, True, False
     for number, line in enumerate(markdown.splitlines(), start=1):
         if line.lstrip().startswith("```"):
             fenced = not fenced
+            python = fenced and line.strip().removeprefix("```").strip().lower() in ("python", "py", "pycon")
             continue
         indented = line.startswith("    ") and line.strip() and (previous_blank or in_indented)
-        if fenced or indented:
+        if fenced and python:
+            pass
+        elif fenced or indented:
             out.append((number, line.strip()))
         else:
             out.extend((number, span) for span in re.findall(r"`([^`]+)`", line))
@@ -55,7 +59,8 @@ def occbench_commands(markdown: str) -> list[tuple[int, list[str]]]:
         except ValueError:        # an unbalanced quote: prose, not a command
             continue
         for i, token in enumerate(tokens):
-            if token.rsplit("/", 1)[-1] != "occbench":
+            at_command = i == 0 or tokens[i - 1] in SEPARATORS or tokens[i - 1] == "-m"   # python -m occbench
+            if token.rsplit("/", 1)[-1] != "occbench" or not at_command:
                 continue
             args = []
             for arg in tokens[i + 1:]:
@@ -136,6 +141,10 @@ occbench train --model spin \\
     occbench datasets list --wrong
     occbench merge a b --out c --allow-partial
     occbench models extra-argument
+
+```python
+from occbench import Outputs
+```
 """
 
 
