@@ -21,7 +21,7 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -102,11 +102,12 @@ class ModelRecipe:
     seed: int
     options: dict
     digest: str                    # the driver's weights: a worker whose rebuilt model differs refuses to run
+    loader: dict = field(default_factory=dict)   # zoo load_model's smpl_dir, data_dir, allow_partial
 
     def build(self, device: str):
         from occbench.plugins import load_any_model
         model = load_any_model(self.name, checkpoint=self.checkpoint, device=device, weights=self.weights,
-                               seed=self.seed, **self.options)
+                               seed=self.seed, **self.loader, **self.options)
         if model_digest(model) != self.digest:
             raise UserError(f"model {self.name!r} rebuilt on a worker from {self.checkpoint or 'its seed'} "
                             "differs from the driver's model (weights changed after loading?); save its "
@@ -150,7 +151,7 @@ def model_recipe(model: torch.nn.Module):
     if prov.get("model") and not prov.get("outside_model") and (
             prov.get("weights") == "random" or (prov.get("weights") == "checkpoint" and prov.get("checkpoint"))):
         return ModelRecipe(prov["model"], prov.get("checkpoint"), prov["weights"], int(prov.get("seed") or 0),
-                           options, digest)
+                           options, digest, loader=dict(prov.get("loader") or {}))
     buffer = io.BytesIO()
     try:
         torch.save(model, buffer)

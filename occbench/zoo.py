@@ -127,6 +127,12 @@ def load_model(name: str, checkpoint: str | os.PathLike | None = None, device=No
         provenance.update(training_sidecar(checkpoint))
         if provenance.get("trained_on"):
             model.crop_from = "canonical"   # `occbench train` feeds 224 px crops resampled to the input size
+    # the explicit loader arguments, so that a worker rebuilding this model by name loads it the same way
+    loader = {key: str(value) for key, value in (("smpl_dir", smpl_dir), ("data_dir", data_dir)) if value}
+    if allow_partial:
+        loader["allow_partial"] = True
+    if loader:
+        provenance["loader"] = loader
     model.attach_body_model(body)
     provenance["body_model"] = body.provenance
     model.provenance = provenance

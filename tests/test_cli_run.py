@@ -88,3 +88,16 @@ def test_every_command_reads_model_options_alike(tmp_path, monkeypatch):
         with pytest.raises(SystemExit):
             main(argv)
     assert seen == [{"x": True}] * 3
+
+
+def test_workers_rebuild_a_partial_load_the_same_way(partial_checkpoint):
+    """--allow-partial and the body folders reach the model recipe the parallel workers rebuild from."""
+    from occbench.parallel import model_recipe, model_digest
+    from occbench.zoo import load_model
+    path, _ = partial_checkpoint
+    model = load_model("pare-demo", checkpoint=path, device="cpu", allow_partial=True)
+    assert model.provenance["loader"] == {"allow_partial": True}
+    recipe = model_recipe(model)
+    assert recipe.loader == {"allow_partial": True}
+    assert model_digest(recipe.build("cpu")) == recipe.digest
+    assert "loader" not in load_model("pare-demo", device="cpu").provenance   # nothing given, nothing recorded
