@@ -205,12 +205,14 @@ class ChunkJob:
     devices: tuple[str, ...] = ("auto",)
     threads: int = 1
     crop_from: str = "canonical"
+    exit_with_driver: bool = False  # loky: the driver is the worker's parent; quit when it dies
 
 
 # ------------------------------------------------------------------------------------------ worker side
 _STATE: dict = {}       # token -> (context, dataset, device): this process's evaluation context of a run
 _SLOTS: list = []       # open lock files: this process's device slot, held until the process ends
 _LOADS = {"count": 0}   # models this process has loaded (recorded in run.json: once per worker and run)
+_WATCHED: list = []     # the parent pid this process watches (loky: it exits when the driver dies)
 
 
 def run_chunk(job: ChunkJob, chunk: tuple[int, int, int]) -> dict:
@@ -238,6 +240,8 @@ def _context(job: ChunkJob):
     from occbench.runner import Runner
     from occbench.voc import VocOccluders
     _STATE.clear()              # a new run: drop the previous run's model before loading this one
+    if job.exit_with_driver:
+        _exit_with_parent()
     torch.set_num_threads(job.threads)
     device = _device(job.devices, _claim_slot(job.token))
     model = job.model.build(device)
@@ -251,6 +255,22 @@ def _context(job: ChunkJob):
                        only=job.only, max_windows=job.max_windows, crop_from=job.crop_from)
     _STATE[job.token] = (ctx, job.dataset, device)
     return _STATE[job.token]
+
+
+def _exit_with_parent(interval: float = 1.0) -> None:
+    """End this process soon after its parent (the driver) dies: an idle loky worker would otherwise keep the
+    model, and its GPU memory, until loky's idle timeout (minutes)."""
+    parent = os.getppid()
+    if parent in _WATCHED:
+        return
+    _WATCHED.append(parent)
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="occbench-exit-with-driver").start()
 
 
 def _slot_folder(token: str) -> Path:
@@ -483,7 +503,7 @@ def run_chunks(run, ctx, model, dataset, todo, all_chunks, scale: ScaleOut, prog
                    memory_format=ctx.runner.memory_format, pelvis=ctx.pelvis, only=ctx.only,
                    max_windows=ctx.max_windows, dtd_root=None if dtd_root is None else str(dtd_root),
                    voc_root=None if voc_root is None else str(voc_root), devices=devices, threads=scale.threads,
-                   crop_from=ctx.crop_from)
+                   crop_from=ctx.crop_from, exit_with_driver=scale.backend == "loky")
     counts = execute(run, job, todo, all_chunks, scale, progress)
     ctx.runner.forward_seconds += counts["forward_s"]
     return {"samples": counts["samples"], "windows": counts["windows"]}

@@ -3,6 +3,7 @@ also when a worker is killed in the middle of the run."""
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -102,6 +103,27 @@ def test_two_local_workers_equal_one_process_even_when_one_is_killed(single_run,
     assert config["parallel"]["backend"] == "loky" and config["parallel"]["workers"] == 2
     assert config["parallel"]["retries"] >= 1          # loky stops the pool when a worker dies: one more round
     assert config["timing"]["windows"] >= 4 * (N_SAMPLES - killer.done_at_kill)
+
+
+def test_killed_driver_resumes_with_the_same_command_and_its_workers_end(single_run, tmp_path):
+    out = tmp_path / "driver"
+    driver = subprocess.Popen([sys.executable, "-m", "occbench", *ARGS, "--out", str(out), "--workers", "2"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 240
+    while driver.poll() is None and time.time() < deadline and not list((out / "chunks").glob("*.done")):
+        time.sleep(0.02)
+    workers = [p for p in psutil.Process(driver.pid).children(recursive=True)
+               if "LokyProcess" in " ".join(_cmdline(p))]
+    driver.kill()
+    driver.wait()
+    done = len(list((out / "chunks").glob("*.done")))
+    assert 1 <= done < N_SAMPLES and workers
+    _, alive = psutil.wait_procs(workers, timeout=30)    # they watch the driver and quit without it
+    assert not alive
+    run_cli(out, "--workers", "2")
+    assert_same_tables(single_run, out)
+    assert json.loads((out / "run.json").read_text())["resumed"] == 1
 
 
 def test_dask_cluster_with_a_killed_worker_gives_the_same_tables(single_run, tmp_path):
