@@ -183,7 +183,8 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
         "model_provenance": provenance,
         "comparable": bool((texture_info or {}).get("comparable", True))
                       and not bool(getattr(body, "is_standin", False))
-                      and provenance.get("weights", "checkpoint") != "random",
+                      and provenance.get("weights", "checkpoint") != "random"
+                      and not (provenance.get("checkpoint_report") or {}).get("partial"),
         "autotune": tuned,
         "device": {"type": device.type, "name": prov.device_name(device)},
         "versions": prov.versions(),

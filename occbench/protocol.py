@@ -412,15 +412,3 @@ def load_protocol(name_or_path, **overrides) -> Protocol:
         raise UserError(f"{origin}: not valid TOML ({err})") from None
     data = {**data, **overrides, "source": origin}
     return validate(data, origin=origin)
-
-
-def parse_override(text: str) -> tuple[str, object]:
-    """``key=value`` from the command line; the value is parsed as a TOML value (bare words are strings)."""
-    if "=" not in text:
-        raise UserError(f"--set {text!r}: expected key=value (e.g. --set stride=20)")
-    key, raw = (s.strip() for s in text.split("=", 1))
-    try:
-        value = tomllib.loads(f"v = {raw}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = raw
-    return key, value

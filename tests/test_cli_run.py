@@ -42,6 +42,7 @@ def test_run_allow_partial_labels_the_results(tmp_path, partial_checkpoint):
     config = json.loads((tmp_path / "r" / "run.json").read_text())
     report = config["model_provenance"]["checkpoint_report"]
     assert report["partial"] and report["allow_partial"] and report["missing"] == [dropped]
+    assert config["comparable"] is False
     assert config["model_provenance"]["options"]["input_size"] == 96
     assert any("--allow-partial" in warning for warning in occbench.load_run(tmp_path / "r").warnings())
 

@@ -6,7 +6,8 @@ import pytest
 from click.testing import CliRunner
 
 from occbench.errors import UserError
-from occbench.protocol import builtin_names, load_protocol, parse_override
+from occbench.keyvalue import parse_pair
+from occbench.protocol import builtin_names, load_protocol
 
 REQUIRED = (["clean", "occsens40", "occsens40-dense", "advocc40", "advocc80", "doc-sweep", "voc-objects",
              "bar-table1", "circle-table1", "rect-table1"]
@@ -68,8 +69,9 @@ def test_user_file_and_overrides(tmp_path):
     assert p.n_windows() == 10 * 10 and p.source == str(path)
     q = load_protocol("occsens40", stride=20)
     assert q.n_windows() == 11 * 11 and q.fingerprint() != load_protocol("occsens40").fingerprint()
-    assert parse_override("stride=20") == ("stride", 20) and parse_override("fill=texture") == ("fill", "texture")
-    assert parse_override("docs=[1, 2]") == ("docs", [1, 2])
+    assert parse_pair("stride=20", "--set") == ("stride", 20)
+    assert parse_pair("fill=texture", "--set") == ("fill", "texture")
+    assert parse_pair("docs=[1, 2]", "--set") == ("docs", [1, 2])
     with pytest.raises(UserError, match="unknown field 'strid'"):
         load_protocol("occsens40", strid=20)
 
