@@ -23,8 +23,9 @@ from occbench.heatmaps import color_range
 from occbench.results import Run, compare_runs, load_run
 
 def write_report(run_dirs, out_dir, title: str = "occbench report", heatmap_samples: int = 3,
-                 meshes: bool = True) -> Path:
-    """Write ``out_dir/index.html`` for the given runs and return its path."""
+                 meshes: bool = True, smpl_dir=None, data_dir=None) -> Path:
+    """Write ``out_dir/index.html`` for the given runs and return its path. smpl_dir / data_dir: the body
+    model the sensitivity meshes are posed with (as ``load_body_model``; use the runs' own)."""
     out_dir = Path(out_dir)
     (out_dir / "meshes").mkdir(parents=True, exist_ok=True)
     runs = [r if isinstance(r, Run) else load_run(r) for r in run_dirs]
@@ -77,7 +78,7 @@ def write_report(run_dirs, out_dir, title: str = "occbench report", heatmap_samp
     if grid_runs:
         _heatmap_section(page, grid_runs, out_dir, heatmap_samples)
         if meshes:
-            _mesh_section(page, grid_runs, out_dir)
+            _mesh_section(page, grid_runs, out_dir, smpl_dir, data_dir)
 
     page.h2("How each run was made", "provenance")
     for run in runs:
@@ -195,7 +196,7 @@ def _draw_run_heatmaps(page, run, maps, ranges, out_dir, figure) -> int:
     return figure
 
 
-def _mesh_section(page, runs, out_dir):
+def _mesh_section(page, runs, out_dir, smpl_dir=None, data_dir=None):
     from occbench.body import load_body_model
     from occbench.sensmesh import accumulate_run, export_mesh, render_views
     import torch
@@ -206,7 +207,7 @@ def _mesh_section(page, runs, out_dir):
     page.p("Per-vertex mean error when an occluder covers that vertex, pooled over the dataset and shown on the "
            "template body (method: README, 'Occlusion sensitivity meshes'). Drag the 3D view to rotate it; "
            "PLY/GLB files carry the per-vertex values (error_mm) and colours.")
-    body = load_body_model()
+    body = load_body_model(smpl_dir=smpl_dir, data_dir=data_dir)
     with torch.inference_mode():
         template = body(rotmat=torch.eye(3).expand(1, 24, 3, 3).contiguous(),
                         betas=torch.zeros(1, 10)).vertices[0].numpy()
