@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from occbench import losses
 from occbench.camera import project_to_crop
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -62,6 +63,9 @@ class ZooModel(nn.Module):
     # image at input_size (the official pipelines: 3DNBF crops 320 px directly); "canonical" resizes the 224 px
     # crop (bilinear), which is what models trained by `occbench train` learned on (load_model sets it).
     crop_from: str = "image"
+    # True for models that use autograd inside predict (test-time fitting): callers then run predict under
+    # torch.no_grad, never torch.inference_mode
+    needs_grad: bool = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -98,10 +102,25 @@ class ZooModel(nn.Module):
     def regress(self, images: torch.Tensor):
         raise NotImplementedError
 
-    def predict(self, crops: torch.Tensor) -> Prediction:
-        """crops: RGB in [0,1], (B,3,224,224), the canonical crop. Returns a batched :class:`Prediction`."""
-        rotmat, betas, cam, extras = self.regress(self.preprocess(crops))
-        return self.prediction_from_params(rotmat, betas, cam, extras)
+    def predict(self, crops: torch.Tensor, *, autocast_dtype: torch.dtype | None = None) -> Prediction:
+        """crops: RGB in [0,1], (B,3,224,224), the canonical crop. Returns a batched :class:`Prediction`.
+
+        autocast_dtype: run the regressor under ``torch.autocast`` in this dtype (bf16 / fp16); its parameters
+        are then cast back to fp32, so the body model always runs in fp32.
+        """
+        if autocast_dtype is None:
+            rotmat, betas, cam, extras = self.regress(self.preprocess(crops))
+            return self.prediction_from_params(rotmat, betas, cam, extras)
+        with torch.autocast(device_type=crops.device.type, dtype=autocast_dtype):
+            rotmat, betas, cam, extras = self.regress(self.preprocess(crops))
+        return self.prediction_from_params(rotmat.float(), betas.float(), cam.float(), extras)
+
+    def training_losses(self, body, rotmat, betas, cam, extras, batch, *, weights: dict, use_part_loss: bool,
+                        pelvis: str = "h36m-root") -> dict:
+        """Scalar loss terms and 'total' of one training batch (:class:`occbench.train.Batch`) from the
+        output of :meth:`regress`; body: the body model the GT was made with. The default is PARE Eq. 2
+        (:func:`occbench.losses.pare_losses`); a model with its own paper loss overrides this method."""
+        return losses.pare_losses(body, rotmat, betas, cam, extras, batch, weights, use_part_loss, pelvis)
 
     def prediction_from_params(self, rotmat, betas, cam, extras=None) -> Prediction:
         if self.body_model is None:

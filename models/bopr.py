@@ -219,6 +219,20 @@ class BoPR(ZooModel):
         """:meth:`ZooModel.save_checkpoint` with the backbone recorded."""
         super().save_checkpoint(path, backbone=self.backbone_name, **meta)
 
+    def training_losses(self, body, rotmat, betas, cam, extras, batch, *, weights: dict, use_part_loss: bool,
+                        pelvis: str = "h36m-root") -> dict:
+        """The paper's loss (:func:`compute_losses`) on the batch's SMPL targets, with the body and part
+        attention terms when the batch has part labels. ``weights`` (PARE's terms) and ``pelvis`` do not
+        apply: the loss is on SMPL joints relative to SMPL joint 0."""
+        from occbench.losses import resize_labels
+        target = {"rotmat": batch.rotmat, "betas": batch.betas, "joints3d": batch.smpl_joints,
+                  "joints2d": batch.smpl_joints2d, "rel_depth": batch.rel_depth}
+        if batch.parts is not None and use_part_loss:
+            labels = resize_labels(batch.parts, extras["part_attention"].shape[-1])
+            target["body_mask"] = (labels > 0).float()
+            target["part_map"] = labels - 1                     # -1 = background, ignored by the part CE
+        return compute_losses(rotmat, betas, cam, extras, target, body)
+
 
 def _mean(mean_params: dict, key: str, size: int) -> torch.Tensor:
     value = torch.as_tensor(mean_params[key], dtype=torch.float32).reshape(1, -1)

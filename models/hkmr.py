@@ -179,6 +179,14 @@ class HKMR(ZooModel):
         extras["pose_aa"] = pose_aa
         return extras["rotmat_iters"][:, -1], betas, cam, extras
 
+    def training_losses(self, body, rotmat, betas, cam, extras, batch, *, weights: dict, use_part_loss: bool,
+                        pelvis: str = "h36m-root") -> dict:
+        """The paper's loss over every outer iteration (:func:`compute_losses`, from ``extras``) on the
+        batch's SMPL targets; PARE's ``weights``, the part loss and ``pelvis`` do not apply."""
+        target = {"rotmat": batch.rotmat, "betas": batch.betas, "joints3d": batch.smpl_joints,
+                  "joints2d": batch.smpl_joints2d}
+        return compute_losses(extras, target, body)
+
     def _to_smpl_order(self, thetas: dict) -> torch.Tensor:
         chain_ordered = torch.cat([thetas[name] for name, _ in CHAINS], -1).view(-1, 24, 3)
         return chain_ordered[:, self._smpl_order].reshape(-1, 72)

@@ -551,11 +551,6 @@ class NBFFitter(NBFRegressor):
     def provenance(self, value: dict) -> None:
         self.__dict__["_provenance"] = dict(value)
 
-    def predict(self, crops: torch.Tensor):
-        """As :meth:`ZooModel.predict` (regress + body model); overridden so that engines take the
-        test-time-fitting path (outside ``inference_mode``)."""
-        return super().predict(crops)
-
     def regress(self, images: torch.Tensor, keypoints2d: torch.Tensor | None = None):
         with torch.no_grad():
             rotmat, betas, cam, extras = super().regress(images)

@@ -6,6 +6,7 @@ autocast (``precision`` bf16 / fp16: the regressor runs in low precision, the bo
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -21,16 +22,16 @@ MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.cont
 class Runner:
     """Runs a zoo model on batches of RGB [0,1] crops at its input size; returns fp32 joints.
 
-    The fast path calls ``regress`` under autocast and the body model in fp32. A model that overrides
-    ``predict`` (test-time fitting) is called through ``predict``; if it sets ``needs_grad = True`` the engine
-    uses ``torch.no_grad`` instead of ``inference_mode`` so the model may enable gradients inside.
+    Calls :meth:`ZooModel.predict` with the precision's autocast dtype (the regressor in low precision, the
+    body model in fp32). A model with ``needs_grad`` (test-time fitting) is run under ``torch.no_grad``
+    instead of ``inference_mode``, so it may enable gradients inside.
     """
 
     model: torch.nn.Module
     precision: str = "fp32"
     memory_format: str = "contiguous"
     forward_seconds: float = 0.0      # host time inside forward calls (exact on CPU; launch time on CUDA)
-    last: object = None               # the last call's Prediction (params and vertices for PVE / predictions)
+    last: object = None               # the last call's Prediction without extras (params, vertices for PVE)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -48,41 +49,20 @@ class Runner:
         return next(self.model.parameters()).device
 
     def grad_context(self):
-        return torch.no_grad() if getattr(self.model, "needs_grad", False) else torch.inference_mode()
+        return torch.no_grad() if self.model.needs_grad else torch.inference_mode()
 
     def __call__(self, images: torch.Tensor):
         """images: (B,3,S,S) RGB [0,1] at the model's input size -> (joints_lsp (B,14,3), joints_h36m root
         (B,3), joints2d (B,14,2)) fp32, body frame (pelvis not subtracted)."""
-        from occbench.models.base import ZooModel
         start = time.perf_counter()
         try:
-            return self._forward(images, ZooModel)
+            images = images.contiguous(memory_format=MEMORY_FORMATS[self.memory_format])
+            pred = self.model.predict(images, autocast_dtype=PRECISIONS[self.precision])
+            # extras (feature maps, attention) are not kept: they would stay alive into the next batch
+            self.last = dataclasses.replace(pred, extras={})
+            return pred.joints_lsp.float(), pred.joints_h36m[:, 0].float(), pred.joints2d.float()
         finally:
             self.forward_seconds += time.perf_counter() - start
-
-    def _forward(self, images, ZooModel):
-        model = self.model
-        dtype = PRECISIONS[self.precision]
-        images = images.contiguous(memory_format=MEMORY_FORMATS[self.memory_format])
-        autocast = (torch.autocast(device_type=images.device.type, dtype=dtype) if dtype is not None
-                    else _nullcontext())
-        if type(model).predict is ZooModel.predict:
-            with autocast:
-                rotmat, betas, cam, _ = model.regress(model.preprocess(images))
-            pred = model.prediction_from_params(rotmat.float(), betas.float(), cam.float(), {})
-        else:
-            with autocast:
-                pred = model.predict(images)
-        self.last = pred
-        return pred.joints_lsp.float(), pred.joints_h36m[:, 0].float(), pred.joints2d.float()
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def autotune(runner: Runner, input_size: int, max_batch: int = 64, memory_formats=None,
