@@ -231,9 +231,9 @@ def main(argv=None) -> dict:
 
     from occbench.data import open_dataset
     from occbench.engine import run_protocol
+    from occbench.keyvalue import parse_pairs
     from occbench.zoo import load_model
 
-    from occbench.keyvalue import parse_pairs
     model = load_model(args.model, checkpoint=args.checkpoint, device=args.device, **parse_pairs(args.option))
     dataset = open_dataset("demo")
     n = min(args.limit, len(dataset))

@@ -2,10 +2,11 @@
 
 The models predict ``cam = [s, tx, ty]`` for the 224 px canonical crop. SPIN and PARE turn it into a
 perspective camera with focal length 5000 px: translation ``[tx, ty, 2 f / (224 s)]``, principal point at
-the crop centre.
+the crop centre. :func:`fit_weak_camera` fits the near-orthographic form of that camera to 2D joints.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 FOCAL_LENGTH = 5000.0
@@ -30,3 +31,14 @@ def project_to_crop(points: torch.Tensor, cam: torch.Tensor, focal_length: float
     p = points + trans[:, None, :]
     xy = focal_length * p[..., :2] / p[..., 2:3].clamp_min(1e-6)
     return xy + crop_size / 2.0
+
+
+def fit_weak_camera(points3d: np.ndarray, points2d: np.ndarray, valid: np.ndarray) -> tuple[float, np.ndarray]:
+    """Least-squares a, b with ``points2d ~= a * points3d[:, :2] + b`` (near-orthographic SPIN camera:
+    a = 112 s, b = 112 (1 + s t)). points3d (J,3), points2d (J,2), valid (J,) -> (a, b (2,))."""
+    xy, uv = points3d[valid, :2].astype(np.float64), points2d[valid].astype(np.float64)
+    if len(xy) < 2:
+        return 0.0, np.full(2, CROP_SIZE / 2.0)
+    xc, uc = xy - xy.mean(0), uv - uv.mean(0)
+    a = float((xc * uc).sum() / max((xc ** 2).sum(), 1e-12))
+    return a, uv.mean(0) - a * xy.mean(0)

@@ -11,11 +11,10 @@ Pipeline (all tensors batched, CPU or CUDA):
    model's input size; 2D targets follow), colour jitter, and random synthetic occluders (rectangles or
    ellipses filled with a colour, noise or a patch of another image in the batch); occluded pixels become
    background in the part labels (they show no body part).
-3. :func:`compute_losses`: PARE Eq. 2 for every model -- L_3D (MSE of pelvis-aligned LSP-14 joints, m),
-   L_2D (MSE of projected LSP-14 joints in crop px / 112 - 1), L_SMPL (MSE of rotation matrices, and of
-   betas), plus L_P (per-pixel cross-entropy of the 25 part maps at their resolution) for models that
-   return ``part_maps`` (PARE, 3DNBF's regressor) when part labels exist; BoPR's own loss (relative depth,
-   auxiliary 2D/3D, body / part attention) and HKMR's per-outer-iteration loss come from their modules.
+3. the model's :meth:`~occbench.models.base.ZooModel.training_losses`: PARE Eq. 2 by default
+   (:mod:`occbench.losses`: L_3D, L_2D, L_SMPL, plus L_P for models that return ``part_maps`` when part
+   labels exist); BoPR's own loss (relative depth, auxiliary 2D/3D, body / part attention) and HKMR's
+   per-outer-iteration loss override it in their modules.
 4. Adam with a constant learning rate or (``lr_schedule='cosine'``) a short linear warm-up then cosine decay
    to 1 % of ``lr`` over ``steps``; every ``save_every`` steps FILE.state holds model + optimizer + step +
    RNG states, so ``resume=True`` continues the step count and reproduces the uninterrupted run.
@@ -38,12 +37,11 @@ import torch.nn.functional as F
 
 from occbench.checks import check_seed, resolve_device
 from occbench.errors import UserError
+from occbench.losses import DEFAULT_WEIGHTS
 
 TRAINED_ON_SYNTHETIC = "synthetic stand-in data, not comparable to published numbers"
 CROP = 224
 HALF = CROP / 2.0
-# PARE's loss weights (configs: keypoint 5, 3D keypoint 5, pose 1, beta 0.001, part segmentation 1)
-DEFAULT_WEIGHTS = {"3d": 5.0, "2d": 5.0, "pose": 1.0, "betas": 0.001, "part": 1.0}
 CONTAINERS = {"lightning": ("lightning", "model."), "mmcv": ("mmcv", ""), "model-dict": ("model-dict", ""),
               "occbench": ("model-dict", "")}
 
@@ -113,22 +111,12 @@ def _part_label_files(dataset) -> list | None:
     return [str(ann.parent / n) for n in names[:len(dataset)]]
 
 
-def fit_weak_camera(points3d: np.ndarray, points2d: np.ndarray, valid: np.ndarray) -> tuple[float, np.ndarray]:
-    """Least-squares a, b with ``points2d ~= a * points3d[:, :2] + b`` (near-orthographic SPIN camera:
-    a = 112 s, b = 112 (1 + s t)). points3d (J,3), points2d (J,2), valid (J,) -> (a, b (2,))."""
-    xy, uv = points3d[valid, :2].astype(np.float64), points2d[valid].astype(np.float64)
-    if len(xy) < 2:
-        return 0.0, np.full(2, HALF)
-    xc, uc = xy - xy.mean(0), uv - uv.mean(0)
-    a = float((xc * uc).sum() / max((xc ** 2).sum(), 1e-12))
-    return a, uv.mean(0) - a * xy.mean(0)
-
-
 def load_training_set(dataset, limit: int | None = None, progress: bool = True) -> TrainingSet:
     """Read every sample of an opened :class:`occbench.data.Dataset` into a :class:`TrainingSet`."""
     import cv2
 
     from occbench.body import vertex_part_labels
+    from occbench.camera import fit_weak_camera
     from occbench.data.crop import crop_transform
     from occbench.models.bopr import part_centres, relative_torso_depths
     from occbench.rotations import axis_angle_to_rotmat
@@ -169,7 +157,7 @@ def load_training_set(dataset, limit: int | None = None, progress: bool = True) 
             parts[i] = cv2.warpAffine(labels, crop_transform(s.center, s.scale, CROP), (CROP, CROP),
                                       flags=cv2.INTER_NEAREST, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
     # SMPL targets from the GT body (neutral: the body the training predictions use)
-    body = dataset._body("neutral")
+    body = dataset.body_model("neutral")
     rotmat = axis_angle_to_rotmat(torch.as_tensor(pose).reshape(-1, 3)).reshape(n, 24, 3, 3)
     rotmat[~torch.as_tensor(has)] = torch.eye(3)
     smpl_joints = torch.zeros(n, 24, 3)
@@ -316,58 +304,6 @@ def add_occluders(images: torch.Tensor, parts: torch.Tensor | None, prob: float,
     return images, parts
 
 
-# ------------------------------------------------------------------------------------------ losses
-def compute_losses(model, body, rotmat, betas, cam, extras, batch: Batch, weights: dict,
-                   use_part_loss: bool, pelvis: str = "h36m-root") -> dict:
-    """Scalar loss terms and 'total' for one batch (see the module docstring). pelvis: the dataset's
-    convention, applied to the predicted LSP-14 joints as it was to the GT."""
-    from occbench.camera import project_to_crop
-
-    name = getattr(model, "name", "")
-    if name == "bopr":
-        from occbench.models.bopr import compute_losses as bopr_losses
-        target = {"rotmat": batch.rotmat, "betas": batch.betas, "joints3d": batch.smpl_joints,
-                  "joints2d": batch.smpl_joints2d, "rel_depth": batch.rel_depth}
-        if batch.parts is not None and use_part_loss:
-            size = extras["part_attention"].shape[-1]
-            labels = _resize_labels(batch.parts, size)
-            target["body_mask"] = (labels > 0).float()
-            target["part_map"] = labels - 1                     # -1 = background, ignored by the part CE
-        return bopr_losses(rotmat, betas, cam, extras, target, body)
-    if name == "hkmr":
-        from occbench.models.hkmr import compute_losses as hkmr_losses
-        target = {"rotmat": batch.rotmat, "betas": batch.betas, "joints3d": batch.smpl_joints,
-                  "joints2d": batch.smpl_joints2d}
-        return hkmr_losses(extras, target, body)
-
-    w = {**DEFAULT_WEIGHTS, **weights}
-    out = body(rotmat=rotmat, betas=betas)
-    root = (out.joints_h36m[:, :1] if pelvis == "h36m-root" else out.joints_lsp[:, 2:4].mean(1, keepdim=True))
-    pred3d = out.joints_lsp - root
-    pred2d = project_to_crop(out.joints_lsp, cam) / HALF - 1.0
-    gt2d = batch.joints2d / HALF - 1.0
-    valid = batch.valid2d.float()[..., None]
-    has = batch.has_smpl.float()
-    terms = {
-        "3d": w["3d"] * (pred3d - batch.joints3d).pow(2).sum(-1).mean(),
-        "2d": w["2d"] * ((pred2d - gt2d).pow(2) * valid).sum(-1).mean(),
-        "pose": w["pose"] * ((rotmat - batch.rotmat).pow(2).sum((-1, -2)).mean(-1) * has).mean(),
-        "betas": w["betas"] * ((betas - batch.betas).pow(2).mean(-1) * has).mean(),
-    }
-    if "part_maps" in extras and batch.parts is not None and use_part_loss:
-        logits = extras["part_maps"]
-        terms["part"] = w["part"] * F.cross_entropy(logits, _resize_labels(batch.parts, logits.shape[-1]))
-    terms["total"] = sum(terms.values())
-    return terms
-
-
-def _resize_labels(parts: torch.Tensor, size: int) -> torch.Tensor:
-    """(B,S,S) int64 labels -> (B,size,size) by nearest sampling of cell centres."""
-    if parts.shape[-1] == size:
-        return parts
-    return F.interpolate(parts[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
-
-
 # ------------------------------------------------------------------------------------------ training
 @dataclass
 class TrainResult:
@@ -490,7 +426,7 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
     if dataset is None:
         dataset = open_dataset(cfg.dataset)
     data = load_training_set(dataset, cfg.limit, progress=progress)
-    body = dataset._body("neutral").to(device)   # the body the GT was made with (stand-in for synthetic sets)
+    body = dataset.body_model("neutral").to(device)   # the body the GT was made with (stand-in for synthetic sets)
     model.attach_body_model(body)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -533,8 +469,8 @@ def train(cfg: TrainConfig, *, resume: bool = False, progress: bool = True, stop
                 group["lr"] = learning_rate(cfg, step)
             use_part = cfg.part_loss_steps is None or step < cfg.part_loss_steps
             rotmat, betas, cam, extras = model.regress(batch.images)
-            terms = compute_losses(model, body, rotmat, betas, cam, extras, batch, weights, use_part,
-                                   pelvis=data.pelvis)
+            terms = model.training_losses(body, rotmat, betas, cam, extras, batch, weights=weights,
+                                          use_part_loss=use_part, pelvis=data.pelvis)
             if not torch.isfinite(terms["total"]):
                 raise RuntimeError(f"non-finite loss at step {step}: {({k: float(v) for k, v in terms.items()})}")
             optimizer.zero_grad(set_to_none=True)

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from occbench.train import (TRAINED_ON_SYNTHETIC, TrainConfig, add_occluders, fit_weak_camera, learning_rate,
-                            train)
+from occbench.camera import fit_weak_camera
+from occbench.train import TRAINED_ON_SYNTHETIC, TrainConfig, add_occluders, learning_rate, train
 
 TINY = {"input_size": 32}          # pare-demo at 32 px: 2x2 trunk features, 8x8 part maps
 

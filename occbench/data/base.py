@@ -147,7 +147,7 @@ class Dataset:
         self.conventions["gendered_gt"] = bool(gendered and uses_smpl and records.genders is not None
                                                and any(g != "neutral" for g in records.genders))
         if uses_smpl:
-            body = self._body("neutral")
+            body = self.body_model("neutral")
             self.conventions["body_model_standin"] = bool(getattr(body, "is_standin", False))
             self.provenance["body_model"] = getattr(body, "provenance", {})
         else:
@@ -197,7 +197,9 @@ class Dataset:
         return f"Dataset({self.name!r}, {len(self)} samples, pelvis={self.pelvis})"
 
     # ------------------------------------------------------------------ body models and GT
-    def _body(self, gender: str):
+    def body_model(self, gender: str):
+        """The body model the SMPL ground truth is made with (the stand-in when no SMPL files are found),
+        loaded once per gender on the dataset's device."""
         if gender not in self._bodies:
             from occbench.body import load_body_model
             body = load_body_model(smpl_dir=self._smpl_dir, data_dir=self._data_dir, gender=gender)
@@ -228,7 +230,7 @@ class Dataset:
                 rows = np.flatnonzero(has & (genders == gender))
                 if rows.size == 0:
                     continue
-                body = self._body(gender)
+                body = self.body_model(gender)
                 p = torch.as_tensor(pose[rows], dtype=torch.float32, device=self.device)
                 b = torch.as_tensor(betas[rows], dtype=torch.float32, device=self.device)
                 res = body.forward_axis_angle(p, b)
