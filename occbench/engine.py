@@ -1,5 +1,6 @@
-"""The protocol run: plan a run's chunks, resume what is done, execute the rest, finish the run directory;
-replay of another run's worst windows, merging of shards and the one-call :func:`benchmark`.
+"""The protocol run: plan chunks, resume, execute, finish; replay, merging of shards, :func:`benchmark`.
+
+Replay evaluates another run's worst windows (transfer); merging joins the shards of one run.
 
 Every protocol is (dataset x windows) -> occluded batches on the model's device -> per-joint errors streamed
 to a run directory. For each chunk of samples the engine

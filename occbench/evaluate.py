@@ -1,5 +1,4 @@
-"""Evaluating one chunk of samples: prepare each sample -> clean forward -> occluded windows -> per-joint
-scores -> the chunk's tables.
+"""Evaluating one chunk of samples: prepare -> clean forward -> occluded windows -> scores -> tables.
 
 :func:`evaluate_chunk` is a pure function of a :class:`ChunkContext` (picklable: the protocol, the runner
 with its model, texture and VOC banks) and the loaded samples, so chunks may be evaluated in other processes.

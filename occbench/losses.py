@@ -1,5 +1,6 @@
-"""The default training loss of a zoo model, PARE Eq. 2 (:meth:`ZooModel.training_losses` calls it; BoPR and
-HKMR override that method with their papers' losses).
+"""The default training loss of a zoo model: PARE Eq. 2.
+
+:meth:`ZooModel.training_losses` calls it; BoPR and HKMR override that method with their papers' losses.
 
 L_3D: MSE of the pelvis-aligned LSP-14 joints (m); L_2D: MSE of the projected LSP-14 joints in crop px / 112 - 1;
 L_SMPL: MSE of the rotation matrices and of the betas; L_P: per-pixel cross-entropy of the 25 part maps at their

@@ -1,5 +1,7 @@
-"""The run directory, the one home of its format: file names, table schemas, building the tables, run.json
-and chunked parquet files written atomically (resumable, mergeable), and reading them back.
+"""The run directory and the one home of its format: file names, schemas, writing and reading.
+
+Tables are built here (:func:`joint_table`, :func:`chunk_tables`); run.json and chunked parquet files are
+written atomically (resumable, mergeable) and read back.
 
 Layout::
 

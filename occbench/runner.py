@@ -1,5 +1,6 @@
-"""Fast model execution: a zoo model on batches of crops, in a chosen precision and memory format, with the
-batch size and memory format measured (:func:`autotune`) rather than assumed.
+"""Fast model execution: a zoo model on batches of crops in a chosen precision and memory format.
+
+The batch size and memory format are measured (:func:`autotune`) rather than assumed.
 
 Inference runs under ``torch.inference_mode`` in channels-last or contiguous memory format with optional
 autocast (``precision`` bf16 / fp16: the regressor runs in low precision, the body model in fp32).

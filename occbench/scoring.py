@@ -1,5 +1,7 @@
-"""Scoring: per-joint errors of predictions against references (through :mod:`occbench.metrics`), each
-sample's summary (clean, mean and worst window), and the metrics.json aggregation of a run's chunks.
+"""Scoring: per-joint errors, each sample's summary and the metrics.json aggregation of a run.
+
+Per-joint errors of predictions against references go through :mod:`occbench.metrics`; a sample's summary
+holds its clean errors, the mean over windows and its worst window.
 
 The reduction rules here (per-sample: mean over joints of each (sample, window), then over windows, then
 over samples; pooled-visible: mean over every evaluated joint instance) are shared with

@@ -1,5 +1,7 @@
-"""The window table: one row per occluded copy of a crop (columns, empty and clean tables, geometry at the
-model's input size, and the counter-based random draws every occluder is built from).
+"""The window table: one row per occluded copy of a crop, and the counter-based draws that build it.
+
+Here: its columns, empty and clean tables, geometry at the model's input size (scaling, sliding-window grid)
+and the random draws every occluder is built from.
 
 A window table is a dict of equal-length numpy columns (:data:`TABLE_COLUMNS`). Row ``window = -1`` is the
 clean copy. Lengths of a protocol are defined at the canonical 224 px crop and scaled to the model's input

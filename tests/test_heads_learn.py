@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 import torch
 
+from occbench.camera import fit_weak_camera
 from occbench.models import bopr, hkmr
 from occbench.models.base import IMAGENET_MEAN, IMAGENET_STD
 from occbench.rotations import axis_angle_to_rotmat
@@ -48,14 +49,6 @@ def mean():
     return load_mean_params()
 
 
-def _fit_weak_camera(points3d, points2d, valid):
-    """Least squares a, b (2,) with points2d ~= a * points3d[:, :2] + b over the valid joints."""
-    xy, uv = points3d[valid, :2].double(), points2d[valid].double()
-    xc, uc = xy - xy.mean(0), uv - uv.mean(0)
-    a = (xc * uc).sum() / (xc * xc).sum()
-    return a.float(), (uv.mean(0) - a * xy.mean(0)).float()
-
-
 def _demo_batch(body):
     """The first NUM_SAMPLES samples of the synthetic demo set: normalized images (B,3,S,S) and targets:
     rotmat, betas, joints3d (pelvis-relative SMPL-24 [m]), joints2d / vertices2d (crop px, from a weak
@@ -77,7 +70,8 @@ def _demo_batch(body):
         out = body(rotmat=rotmat, betas=betas)
     joints2d, vertices2d = [], []
     for i, s in enumerate(samples):
-        a, b = _fit_weak_camera(out.joints_lsp[i], torch.as_tensor(s.joints2d), torch.as_tensor(s.joints2d_valid))
+        a, b = fit_weak_camera(out.joints_lsp[i].numpy(), s.joints2d, np.asarray(s.joints2d_valid, bool))
+        b = torch.as_tensor(b, dtype=torch.float32)
         joints2d.append(a * out.joints_smpl[i, :, :2] + b)
         vertices2d.append(a * out.vertices[i, :, :2] + b)
     labels = torch.as_tensor(vertex_part_labels(body))
