@@ -6,6 +6,7 @@ taken from the user's SMPL files (or the stand-in) and attached with :meth:`ZooM
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +47,11 @@ class Prediction:
 
     def detach(self) -> "Prediction":
         return Prediction(**{k: (v.detach() if torch.is_tensor(v) else v) for k, v in self.__dict__.items()})
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """``torch.autocast`` on ``device``'s type in ``dtype``, or no autocast when dtype is None (fp32)."""
+    return torch.autocast(device_type=device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
 class ZooModel(nn.Module):
@@ -108,12 +114,11 @@ class ZooModel(nn.Module):
         autocast_dtype: run the regressor under ``torch.autocast`` in this dtype (bf16 / fp16); its parameters
         are then cast back to fp32, so the body model always runs in fp32.
         """
-        if autocast_dtype is None:
+        with autocast(crops.device, autocast_dtype):
             rotmat, betas, cam, extras = self.regress(self.preprocess(crops))
-            return self.prediction_from_params(rotmat, betas, cam, extras)
-        with torch.autocast(device_type=crops.device.type, dtype=autocast_dtype):
-            rotmat, betas, cam, extras = self.regress(self.preprocess(crops))
-        return self.prediction_from_params(rotmat.float(), betas.float(), cam.float(), extras)
+        if autocast_dtype is not None:
+            rotmat, betas, cam = rotmat.float(), betas.float(), cam.float()
+        return self.prediction_from_params(rotmat, betas, cam, extras)
 
     def training_losses(self, body, rotmat, betas, cam, extras, batch, *, weights: dict, use_part_loss: bool,
                         pelvis: str = "h36m-root") -> dict:

@@ -42,7 +42,7 @@ from torch import nn
 
 from occbench.camera import project_to_crop
 from occbench.errors import UserError
-from occbench.models.base import IMAGENET_MEAN, IMAGENET_STD, Prediction, ZooModel
+from occbench.models.base import IMAGENET_MEAN, IMAGENET_STD, Prediction, ZooModel, autocast
 
 FORMS = ("smpl", "vertices", "joints")
 ROTATIONS = {"rotmat": (3, 3), "axis-angle": (3,), "6d": (6,)}
@@ -250,7 +250,13 @@ class WrappedDirectModel(WrappedModel):
     rotmat and betas are NaN (the run's predictions table keeps its schema; nothing reads them for these forms).
     """
 
-    def predict(self, crops: torch.Tensor) -> Prediction:
+    def predict(self, crops: torch.Tensor, *, autocast_dtype: torch.dtype | None = None) -> Prediction:
+        """As :meth:`ZooModel.predict`; with ``autocast_dtype`` the whole call (the wrapped callable and the
+        body joints) runs under autocast."""
+        with autocast(crops.device, autocast_dtype):
+            return self._predict(crops)
+
+    def _predict(self, crops: torch.Tensor) -> Prediction:
         images = self.preprocess(crops)
         batch = images.shape[0]
         values = self.read_outputs(self.call(images), batch)
