@@ -45,6 +45,7 @@ def write_run(path, *, model="m", protocol=None, errors, visible=None, anchors=N
     run = rundir.RunDir.open_or_create(path, config)
     run.write_chunk(0, rundir.chunk_tables(joints, samples, []))
     run.concatenate([0])
+    run.close()
     return path
 
 
