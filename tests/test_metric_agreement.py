@@ -18,17 +18,7 @@ TOL_MM = 1e-6
 
 
 @pytest.fixture(scope="module")
-def model():
-    return occbench.load_model("pare-demo", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return occbench.open_dataset("demo")
-
-
-@pytest.fixture(scope="module")
-def recorded_run(model, demo, tmp_path_factory):
+def recorded_run(pare_demo, demo_set, tmp_path_factory):
     """An advocc40 run (visible-joint masking, worst window, pooled reduction) with every forward recorded."""
     calls = []
     original = Runner.__call__
@@ -40,7 +30,8 @@ def recorded_run(model, demo, tmp_path_factory):
 
     Runner.__call__ = recording
     try:
-        out = occbench.run_protocol(model, demo, "advocc40", tmp_path_factory.mktemp("agree") / "run", limit=3,
+        out = occbench.run_protocol(pare_demo, demo_set, "advocc40", tmp_path_factory.mktemp("agree") / "run",
+                                    limit=3,
                                     batch_size=7, memory_format="contiguous", chunk_samples=1, max_windows=20,
                                     progress=False, quiet=True)
     finally:
@@ -48,7 +39,7 @@ def recorded_run(model, demo, tmp_path_factory):
     return out, calls
 
 
-def test_metrics_json_summary_and_metrics_module_agree(recorded_run, model, demo):
+def test_metrics_json_summary_and_metrics_module_agree(recorded_run, pare_demo, demo_set):
     run_dir, _ = recorded_run
     stored = json.loads((run_dir / "metrics.json").read_text())
     run = occbench.load_run(run_dir)
@@ -69,10 +60,10 @@ def test_metrics_json_summary_and_metrics_module_agree(recorded_run, model, demo
             rotmat = torch.as_tensor(np.stack(row["rotmat"]), dtype=torch.float32).view(1, 24, 3, 3)
             betas = torch.as_tensor(np.asarray(row["betas"]), dtype=torch.float32).view(1, 10)
             cam = torch.as_tensor(np.asarray(row["cam"]), dtype=torch.float32).view(1, 3)
-            pred = model.prediction_from_params(rotmat, betas, cam)
+            pred = pare_demo.prediction_from_params(rotmat, betas, cam)
             pred3d.append(metrics.align_pelvis(pred.joints_lsp, "h36m-root", pelvis=pred.joints_h36m[:, 0]))
             pred2d.append(pred.joints2d)
-            sample = demo[int(row["sample_index"])]
+            sample = demo_set[int(row["sample_index"])]
             gt3d.append(torch.as_tensor(sample.joints3d)[None])
             gt2d.append(torch.as_tensor(sample.joints2d, dtype=torch.float32)[None])
             valid2d.append(torch.as_tensor(sample.joints2d_valid)[None])
@@ -88,7 +79,7 @@ def test_metrics_json_summary_and_metrics_module_agree(recorded_run, model, demo
     assert abs(100 * float(mean) - stored["clean"]["pckh"]) < TOL_MM
 
 
-def test_engine_rows_equal_metrics_on_the_same_predictions(recorded_run, demo):
+def test_engine_rows_equal_metrics_on_the_same_predictions(recorded_run, demo_set):
     """Every stored row (clean and window) is occbench.metrics applied to the prediction the model made."""
     run_dir, calls = recorded_run
     joints = pd.read_parquet(run_dir / "joints.parquet")
@@ -101,7 +92,7 @@ def test_engine_rows_equal_metrics_on_the_same_predictions(recorded_run, demo):
     assert len(pred3d) == len(joints) // 14
     sample_index = joints["sample_index"].to_numpy()[::14]
     visible = torch.as_tensor(np.array(joints["visible"].to_numpy()).reshape(-1, 14))
-    gt3d = torch.stack([torch.as_tensor(demo[int(i)].joints3d) for i in sample_index])
+    gt3d = torch.stack([torch.as_tensor(demo_set[int(i)].joints3d) for i in sample_index])
     aligned = metrics.align_pelvis(pred3d, "h36m-root", pelvis=root)
     expected_mpjpe = metrics.mpjpe(aligned, gt3d).numpy()
     expected_pa = metrics.mpjpe(metrics.procrustes_align(aligned.double(), gt3d.double(), visible),

@@ -23,16 +23,6 @@ from occbench.rundir import RunDir
 TABLES = ("joints", "samples", "failed", "predictions")
 
 
-@pytest.fixture(scope="module")
-def model():
-    return occbench.load_model("pare-demo", device="cpu")
-
-
-@pytest.fixture(scope="module")
-def demo():
-    return occbench.open_dataset("demo")
-
-
 def _run(model, dataset, out, **options):
     settings = dict(limit=3, batch_size=8, memory_format="contiguous", chunk_samples=1, max_windows=6,
                     progress=False, quiet=True)
@@ -55,11 +45,11 @@ def _snapshot(folder: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def reference(model, demo, tmp_path_factory):
-    return _run(model, demo, tmp_path_factory.mktemp("ref") / "run")
+def reference(pare_demo, demo_set, tmp_path_factory):
+    return _run(pare_demo, demo_set, tmp_path_factory.mktemp("ref") / "run")
 
 
-def test_resume_refuses_another_dataset_with_the_same_name_and_size(model, demo, reference, tmp_path):
+def test_resume_refuses_another_dataset_with_the_same_name_and_size(pare_demo, demo_set, reference, tmp_path):
     """Another annotation file with the same name and row count is not the same dataset."""
     out = tmp_path / "run"
     shutil_copy(reference, out)
@@ -68,11 +58,11 @@ def test_resume_refuses_another_dataset_with_the_same_name_and_size(model, demo,
     other.records.center = other.records.center + 1.0     # same name, same count, other annotations
     other._fingerprint = None
     with pytest.raises(UserError, match="dataset differs"):
-        _run(model, other, out)
+        _run(pare_demo, other, out)
     assert _snapshot(out) == before
 
 
-def test_damaged_chunks_are_recomputed_and_reported(model, demo, reference, tmp_path, capsys):
+def test_damaged_chunks_are_recomputed_and_reported(pare_demo, demo_set, reference, tmp_path, capsys):
     out = tmp_path / "run"
     shutil_copy(reference, out)
     chunks = out / "chunks"
@@ -83,7 +73,7 @@ def test_damaged_chunks_are_recomputed_and_reported(model, demo, reference, tmp_
     samples.write_bytes(bytes(data))
     (chunks / "chunk-000002.done").write_text("{broken")                            # damaged marker
     (chunks / "chunk-000001.joints.parquet.tmp999").write_bytes(b"orphan")           # killed write
-    resumed = _run(model, demo, out, quiet=False)
+    resumed = _run(pare_demo, demo_set, out, quiet=False)
     err = capsys.readouterr().err
     assert "chunk 0" in err and "chunk 1" in err and "chunk 2" in err and "recomputed" in err
     assert not list(out.rglob("*.tmp*"))
@@ -92,23 +82,23 @@ def test_damaged_chunks_are_recomputed_and_reported(model, demo, reference, tmp_
     assert sorted(r["chunk"] for r in recorded) == [0, 1, 2]
 
 
-def test_damaged_run_json_is_rebuilt_only_for_the_same_run(model, demo, reference, tmp_path):
+def test_damaged_run_json_is_rebuilt_only_for_the_same_run(pare_demo, demo_set, reference, tmp_path):
     out = tmp_path / "run"
     shutil_copy(reference, out)
     (out / "run.json").write_text("{ half a file")
-    _assert_same_tables(_run(model, demo, out), reference)
+    _assert_same_tables(_run(pare_demo, demo_set, out), reference)
     assert json.loads((out / "run.json").read_text())["protocol"]["name"] == "occsens40"
     (out / "run.json").write_text("{ half a file")
     before = _snapshot(out)
     with pytest.raises(UserError, match="damaged"):
-        _run(model, demo, out, seed=5)          # another run's chunks: not rebuilt
+        _run(pare_demo, demo_set, out, seed=5)          # another run's chunks: not rebuilt
     assert _snapshot(out) == before
 
 
-def test_merge_never_overwrites_another_run(model, demo, reference, tmp_path):
-    shards = [_run(model, demo, tmp_path / f"s{k}", shard=f"{k}/2") for k in range(2)]
+def test_merge_never_overwrites_another_run(pare_demo, demo_set, reference, tmp_path):
+    shards = [_run(pare_demo, demo_set, tmp_path / f"s{k}", shard=f"{k}/2") for k in range(2)]
     other = tmp_path / "other"
-    _run(model, demo, other, seed=7)
+    _run(pare_demo, demo_set, other, seed=7)
     before = _snapshot(other)
     with pytest.raises(UserError, match="holds another run"):
         merge_runs(shards, other)
@@ -122,12 +112,12 @@ def test_merge_never_overwrites_another_run(model, demo, reference, tmp_path):
     _assert_same_tables(merge_runs(shards, tmp_path / "merged"), reference)   # the same merge again: fine
 
 
-def test_second_writer_is_told_who_holds_the_run(model, demo, tmp_path):
+def test_second_writer_is_told_who_holds_the_run(pare_demo, demo_set, tmp_path):
     out = tmp_path / "run"
     holder = RunDir.open_or_create(out, {"occbench_run": 1, "protocol": {"name": "x"}})
     try:
         with pytest.raises(UserError, match=f"being written by pid {os.getpid()}"):
-            _run(model, demo, out)
+            _run(pare_demo, demo_set, out)
     finally:
         holder.close()
 
@@ -144,20 +134,20 @@ def test_lock_is_released_when_the_holder_is_killed(tmp_path):
     RunDir.open_or_create(out, {"occbench_run": 1}).close()     # no stale lock
 
 
-def test_out_that_is_a_file_or_unwritable_is_one_line(model, demo, tmp_path):
+def test_out_that_is_a_file_or_unwritable_is_one_line(pare_demo, demo_set, tmp_path):
     target = tmp_path / "file"
     target.write_text("x")
     with pytest.raises(UserError, match="is a file"):
-        _run(model, demo, target)
+        _run(pare_demo, demo_set, target)
     if os.geteuid() != 0:   # root writes anywhere: the permission case is only meaningful for a user
         locked = tmp_path / "locked"
         locked.mkdir()
         locked.chmod(0o500)
         with pytest.raises(UserError, match="permission denied"):
-            _run(model, demo, locked / "run")
+            _run(pare_demo, demo_set, locked / "run")
 
 
-def test_full_disk_is_one_line_and_the_run_resumes(model, demo, reference, tmp_path, monkeypatch):
+def test_full_disk_is_one_line_and_the_run_resumes(pare_demo, demo_set, reference, tmp_path, monkeypatch):
     import occbench.rundir as rundir
     real = rundir.pq.write_table
     calls = {"n": 0}
@@ -171,10 +161,10 @@ def test_full_disk_is_one_line_and_the_run_resumes(model, demo, reference, tmp_p
     monkeypatch.setattr(rundir.pq, "write_table", failing)
     out = tmp_path / "run"
     with pytest.raises(UserError, match="disk is full"):
-        _run(model, demo, out)
+        _run(pare_demo, demo_set, out)
     assert not list(out.rglob("*.tmp*"))
     monkeypatch.setattr(rundir.pq, "write_table", real)
-    _assert_same_tables(_run(model, demo, out), reference)
+    _assert_same_tables(_run(pare_demo, demo_set, out), reference)
 
 
 def test_cli_errors_exit_2_without_traceback(tmp_path):
