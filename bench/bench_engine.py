@@ -119,9 +119,8 @@ def main(argv=None):
 
     runner = Runner(model, precision="fp32")
     tuned = autotune(runner, model.input_size, max_batch=args.max_batch)
-    print("autotune (fp32):", ", ".join(f"{m['format'][:8]} b{m['batch']}: {m['images_per_s']:.1f}"
-                                        for m in tuned["measurements"]))
-    best_batch, best_format = tuned["batch_size"], tuned["memory_format"]
+    print("autotune (fp32):", ", ".join(f"b{m['batch']}: {m['images_per_s']:.1f}" for m in tuned["measurements"]))
+    best_batch, best_format = tuned["batch_size"], runner.memory_format
     n_ceiling = min(protocol.n_windows(), args.windows) * args.samples
     results = {"device": str(device), "threads": torch.get_num_threads(), "clock": args.clock,
                "batch_size": best_batch,
@@ -149,7 +148,7 @@ def main(argv=None):
                 n, seconds, bf16 = engine_run(model, dataset, args.samples, args.windows,
                                               Path(tmp) / f"bf16-{round_}", precision="bf16",
                                               batch_size=bf_tuned["batch_size"],
-                                              memory_format=bf_tuned["memory_format"])
+                                              memory_format=bf_runner.memory_format)
                 best["engine_bf16"] = max(best["engine_bf16"], n / seconds)
             print(f"round {round_ + 1}: " + ", ".join(f"{k} {v:.2f}" for k, v in best.items()), flush=True)
         results.update(best)

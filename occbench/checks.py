@@ -35,9 +35,11 @@ def check_run_options(*, seed=None, batch_size=None, limit=None, max_windows=Non
     if seed is not None:
         check_seed(seed)
     for option, value in (("--batch-size", batch_size), ("--limit", limit)):
+        if option == "--batch-size" and value == "auto":
+            continue
         if value is not None and (not _is_int(value) or value < 1):
             raise UserError(f"{option} {value!r}: must be an integer >= 1 (leave it out for "
-                            f"{'a measured batch size' if option == '--batch-size' else 'every sample'})")
+                            f"{'the device default, or auto' if option == '--batch-size' else 'every sample'})")
     if max_windows is not None and (not _is_int(max_windows) or max_windows < 0):
         raise UserError(f"--max-windows {max_windows!r}: must be an integer >= 0 (0 = the clean copy only; "
                         "leave it out for every window)")

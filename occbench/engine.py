@@ -31,7 +31,7 @@ from occbench.errors import UserError
 from occbench.evaluate import ChunkContext, evaluate_chunk, load_chunk
 from occbench.protocol import Protocol, load_protocol, validate
 from occbench.rundir import RUN_JSON, RunDir, Shard, copy_chunks, plan_chunks, read_config
-from occbench.runner import Runner, autotune
+from occbench.runner import Runner, plan_execution
 from occbench.scoring import format_summary, summarize
 from occbench.voc import VocOccluders
 
@@ -70,7 +70,8 @@ def _replay_windows(replay_dir, protocol: Protocol | None, seed: int | None):
 
 
 def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = None, batch_size: int | None = None,
-                 precision: str = "fp32", memory_format: str = "auto", limit: int | None = None,
+                 precision: str = "fp32", memory_format: str = "auto", threads: int | None = None,
+                 limit: int | None = None,
                  max_windows: int | None = None,
                  shard: str | Shard | None = None, replay=None, dtd_root=None, voc_root=None,
                  chunk_samples: int | None = None, progress: bool = True, model_info: dict | None = None,
@@ -130,23 +131,18 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
             f"{model_name}-{protocol.name}-{getattr(dataset, 'name', 'dataset')}-s{seed}{tag}")
     out_dir = Path(out_dir)
 
-    runner = Runner(model, precision=precision,
-                    memory_format="contiguous" if memory_format == "auto" else memory_format)
-    tuned = None
-    old = _readable_config(out_dir)
-    if old is not None:   # resume: reuse the recorded batch size / format, results stay identical
-        batch_size = batch_size or old.get("batch_size")
-        if memory_format == "auto":
-            memory_format = old.get("memory_format", "contiguous")
-        chunk_samples = old.get("chunk_samples", chunk_samples)
-    if batch_size is None or memory_format == "auto":
-        formats = None if memory_format == "auto" else [memory_format]
-        window_batch = per_sample * min(chunk_samples, max(1, n_samples))   # most windows one chunk holds
-        tuned = autotune(runner, input_size, max_batch=max(1, min(64, window_batch)),
-                         memory_formats=formats)
-        batch_size = batch_size or tuned["batch_size"]
-        memory_format = tuned["memory_format"]
-    runner.set_memory_format(memory_format)
+    runner = Runner(model, precision=precision)
+    recorded = _readable_config(out_dir)   # resume: reuse how it ran
+    if recorded:
+        chunk_samples = recorded.get("chunk_samples", chunk_samples)
+    window_batch = per_sample * min(chunk_samples, max(1, n_samples))   # most windows one chunk holds
+    if scale is not None and threads is None:
+        threads = scale.threads   # the workers compute the numbers: record their thread count
+    execution = plan_execution(runner, input_size, batch_size=batch_size, memory_format=memory_format,
+                               threads=threads, recorded=recorded, max_batch=max(1, min(64, window_batch)),
+                               model_key=f"{model_name} {type(model).__name__} "
+                                         f"{json.dumps(provenance.get('options'), sort_keys=True, default=str)}")
+    batch_size, memory_format, precision = execution.batch_size, execution.memory_format, execution.precision
 
     body = getattr(model, "body_model", None)
     config = {
@@ -163,6 +159,7 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
         "precision": precision,
         "batch_size": int(batch_size),
         "memory_format": memory_format,
+        "threads": execution.threads,
         "chunk_samples": int(chunk_samples),
         "n_samples": int(n_samples),
         "limit": limit,
@@ -186,7 +183,8 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
                       and not bool(getattr(body, "is_standin", False))
                       and provenance.get("weights", "checkpoint") != "random"
                       and not (provenance.get("checkpoint_report") or {}).get("partial"),
-        "autotune": tuned,
+        "autotune": execution.autotune,
+        "execution": execution.record(),
         "device": {"type": device.type, "name": prov.device_name(device)},
         "versions": prov.versions(),
         "git_commit": prov.git_commit(),

@@ -258,7 +258,8 @@ def _shared_range(arrays) -> tuple[float, float]:
 
 
 def _provenance(run: Run) -> dict:
-    keys = ("model", "dataset", "protocol", "seed", "precision", "batch_size", "conventions", "textures",
+    keys = ("model", "dataset", "protocol", "seed", "precision", "batch_size", "memory_format", "threads",
+            "execution", "conventions", "textures",
             "replay", "limit", "n_samples", "device", "versions", "git_commit", "command", "started", "finished")
     return {k: run.config.get(k) for k in keys if k in run.config}
 

@@ -49,11 +49,16 @@ def protocols(verbose):
 @click.option("--out", "out_dir", default=None, help="Run directory (default runs/<model>-<protocol>-...).")
 @click.option("--seed", default=None, type=int,
               help="0..2**32-1, default 0 (a --replay uses the replayed run's seed).")
-@click.option("--batch-size", default=None, type=int, help="Default: measured (fastest on this device).")
+@click.option("--batch-size", default=None,
+              help="Windows per forward call: an integer >= 1, or 'auto' (measured on this machine in CPU "
+                   "time, cached). Default: 32 on CPU, 64 on CUDA.")
 @click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True)
 @click.option("--memory-format", type=click.Choice(["auto", "channels_last", "contiguous"]), default="auto",
-              show_default=True)
+              show_default=True, help="auto: channels_last (a fixed default, never timed: the format changes "
+                                      "the last bits of the numbers).")
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+@click.option("--threads", default=None, type=int,
+              help="torch CPU threads (default: OMP_NUM_THREADS, else the CPUs this process may use).")
 @click.option("--limit", default=None, type=int, help="Only the first N samples.")
 @click.option("--max-windows", default=None, type=int, help="Only each sample's first N windows (quick looks).")
 @click.option("--chunk-samples", default=None, type=int,
@@ -78,14 +83,16 @@ def protocols(verbose):
               help="Where the run's HTML report goes (default reports/<run directory name>).")
 @click.option("--no-report", is_flag=True, help="Do not write the HTML report at the end.")
 def run(model_name, protocol_name, dataset, dataset_root, checkpoint, checkpoint_dir, allow_partial, weights,
-        model_options, smpl_dir, data_dir, out_dir, seed, batch_size, precision, memory_format, device, limit,
-        max_windows, chunk_samples, shard, replay, dtd_root, voc_root, overrides, workers, backend, scheduler,
-        address, devices, worker_threads, no_progress, report_dir, no_report):
+        model_options, smpl_dir, data_dir, out_dir, seed, batch_size, precision, memory_format, device, threads,
+        limit, max_windows, chunk_samples, shard, replay, dtd_root, voc_root, overrides, workers, backend,
+        scheduler, address, devices, worker_threads, no_progress, report_dir, no_report):
     """Run a protocol end to end and write a run directory (resumes when it exists)."""
     from occbench.errors import UserError
     from occbench.keyvalue import parse_pairs
     if not model_name:
         raise UserError("--model is required (`occbench models` lists them)")
+    from occbench.runner import parse_batch_size
+    batch_size = parse_batch_size(batch_size)    # a bad value fails before the model loads
     if not protocol_name and not replay:
         raise UserError("--protocol is required (`occbench protocols` lists them)")
     from occbench.models import model_names
@@ -135,7 +142,8 @@ def run(model_name, protocol_name, dataset, dataset_root, checkpoint, checkpoint
     body_dirs = {key: value for key, value in (("smpl_dir", smpl_dir), ("data_dir", data_dir)) if value}
     data = open_dataset(dataset, root=dataset_root, **body_dirs)   # the ground truth's body model
     run_dir = run_protocol(model, data, protocol_name, out_dir, seed=seed, batch_size=batch_size,
-                           precision=precision, memory_format=memory_format, limit=limit, max_windows=max_windows,
+                           precision=precision, memory_format=memory_format, threads=threads, limit=limit,
+                           max_windows=max_windows,
                            shard=shard, replay=replay, dtd_root=dtd_root, voc_root=voc_root,
                            chunk_samples=chunk_samples, progress=not no_progress,
                            protocol_overrides=protocol_overrides or None, scale=scale)
