@@ -176,8 +176,13 @@ class NBFRegressor(ZooModel):
         return self.head(self.backbone.forward_stages(images))
 
     def regress(self, images: torch.Tensor):
-        pose6d, betas, cam, part_maps, feature_map = self.forward_features(images)
-        rotmat = rot6d_to_rotmat(pose6d).view(images.shape[0], NUM_JOINTS, 3, 3)
+        return self.regress_stages(self.backbone.forward_stages(images))
+
+    def regress_stages(self, stages: dict):
+        """The head on the backbone's stages layer1..4: what :meth:`regress` returns (used by incremental
+        inference)."""
+        pose6d, betas, cam, part_maps, feature_map = self.head(stages)
+        rotmat = rot6d_to_rotmat(pose6d).view(pose6d.shape[0], NUM_JOINTS, 3, 3)
         return rotmat, betas, cam, {"feature_map": feature_map, "part_maps": part_maps}
 
 

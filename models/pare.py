@@ -183,8 +183,12 @@ class PARE(ZooModel):
         return MANIFESTS.get((self.backbone_name, self.head_name))
 
     def regress(self, images: torch.Tensor):
-        pose6d, betas, cam, part_maps = self.head(self.backbone(images))
-        rotmat = rot6d_to_rotmat(pose6d.reshape(-1, 6)).reshape(images.shape[0], NUM_JOINTS, 3, 3)
+        return self.regress_features(self.backbone(images))
+
+    def regress_features(self, features: torch.Tensor):
+        """The head on backbone features: what :meth:`regress` returns (used by incremental inference)."""
+        pose6d, betas, cam, part_maps = self.head(features)
+        rotmat = rot6d_to_rotmat(pose6d.reshape(-1, 6)).reshape(features.shape[0], NUM_JOINTS, 3, 3)
         return rotmat, betas, cam, {"part_maps": part_maps, "pose6d": pose6d}
 
 

@@ -97,9 +97,13 @@ class HMRRegressor(ZooModel):
         return pose, shape, cam
 
     def regress(self, images: torch.Tensor):
-        features = self.image_features(images)
+        return self.regress_trunk(trunk_forward(self, images))
+
+    def regress_trunk(self, trunk_out: torch.Tensor):
+        """IEF on the last stage's map (B,C,h,w): what :meth:`regress` returns (used by incremental inference)."""
+        features = trunk_out.mean(dim=(2, 3))
         pose6d, betas, cam = self.iterate(features)
-        rotmat = rot6d_to_rotmat(pose6d.reshape(-1, 6)).reshape(images.shape[0], NUM_JOINTS, 3, 3)
+        rotmat = rot6d_to_rotmat(pose6d.reshape(-1, 6)).reshape(features.shape[0], NUM_JOINTS, 3, 3)
         return rotmat, betas, cam, {"pose6d": pose6d, "features": features}
 
 
