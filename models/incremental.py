@@ -21,8 +21,8 @@ Only fp32, eval mode (BatchNorm uses its running statistics, so it is a per-chan
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -69,16 +69,19 @@ def _plan(model: nn.Module):
         trunk = model.backbone
         last = STAGE_NAMES[model.backbone_stages - 1]
         return (f"pare/resnet{trunk.depth}/{model.backbone_stages}/{size}", trunk, (last,),
-                lambda stages: model.regress_features(stages[last]))
+                partial(_on_stage, model.regress_features, last))
     if type(model) is HMRRegressor:
         stages = [n for n in STAGE_NAMES if n in model._modules]
-        depth = _depth(model)
-        return (f"spin/resnet{depth}/{len(stages)}/{size}", model, (stages[-1],),
-                lambda out: model.regress_trunk(out[stages[-1]]))
+        return (f"spin/resnet{_depth(model)}/{len(stages)}/{size}", model, (stages[-1],),
+                partial(_on_stage, model.regress_trunk, stages[-1]))
     if type(model) is NBFRegressor:
         return (f"3dnbf-reg/resnet50/4/{size}", model.backbone, STAGE_NAMES, model.regress_stages)
     return f"{type(model).__name__} is not a ResNet model of the zoo (supported: pare with a ResNet " \
            f"backbone, spin, hmr-eft, 3dnbf-reg)"
+
+
+def _on_stage(regress, stage: str, stages: dict):
+    return regress(stages[stage])
 
 
 def _depth(trunk: nn.Module) -> int:
@@ -96,6 +99,9 @@ def supports_incremental(model: nn.Module, precision: str = "fp32") -> Support:
     if isinstance(plan, str):
         return Support("", False, False, None, plan)
     config = plan[0]
+    if model.training:
+        return Support(config, False, False, None, "the model is in training mode (BatchNorm must use its "
+                                                   "running statistics): call model.eval()")
     if precision != "fp32":
         return Support(config, False, False, None, f"precision {precision} (incremental inference is fp32 only)")
     gain = MEASURED_GAIN.get(config)
@@ -193,7 +199,7 @@ class IncrementalRunner:
     with every later block.
     """
 
-    def __init__(self, model: nn.Module, full_fraction: float = 0.6) -> None:
+    def __init__(self, model: nn.Module, full_fraction: float = 0.6, cache_samples: int = 4) -> None:
         plan = _plan(model)
         if isinstance(plan, str):
             raise ValueError(plan)
@@ -202,8 +208,9 @@ class IncrementalRunner:
         self.model = model
         self.config, self.trunk, self.stages, self.tail = plan
         self.full_fraction = full_fraction
+        self.cache_samples = cache_samples
+        self._held = None                 # (clean tensor, first slot, end slot, CleanCache) of regress_windows
         self.macs: dict | None = None     # module name -> multiply-adds of the incremental convs, when a dict
-        self._names = {id(m): n for n, m in model.named_modules()}
 
     # ------------------------------------------------------------------------------------- clean pass
     def cache(self, clean: torch.Tensor) -> CleanCache:
@@ -267,6 +274,22 @@ class IncrementalRunner:
         rows = torch.arange(len(y0), device=images.device)[:, None, None]
         patch = region.patch.permute(0, 2, 3, 1)[rows, ys[:, :, None], xs[:, None, :]].permute(0, 3, 1, 2)
         return self.tail(self._trunk(cache, samples, _Region(patch, y0, x0)))
+
+    def regress_windows(self, clean: torch.Tensor, slots, images: torch.Tensor):
+        """Like :meth:`regress` for rows of ``clean`` (S,3,size,size): row b of ``images`` is an occluded copy
+        of ``clean[slots[b]]``. Caches ``cache_samples`` consecutive samples at a time (the engine's batches
+        walk the samples in order), so memory stays bounded for large chunks."""
+        slots = np.asarray(slots, dtype=np.int64)
+        low, high = int(slots.min()), int(slots.max()) + 1
+        held = self._held
+        if held is None or held[0] is not clean or low < held[1] or high > held[2]:
+            end = min(len(clean), max(high, low + self.cache_samples))
+            self._held = held = (clean, low, end, self.cache(clean[low:end]))
+        return self.regress(held[3], slots - held[1], images)
+
+    def release(self) -> None:
+        """Drop the cache held by :meth:`regress_windows`."""
+        self._held = None
 
     def _trunk(self, cache: CleanCache, samples: torch.Tensor, region: _Region) -> dict:
         t, points = self.trunk, cache.points
@@ -334,7 +357,7 @@ class IncrementalRunner:
                   (ow - 1) * s + reach + 1)
         out = F.conv2d(x, conv.weight, conv.bias, stride=s, padding=0, dilation=d, groups=conv.groups)
         if self.macs is not None:
-            name = self._names[id(conv)]
+            name = next(n for n, m in self.model.named_modules() if m is conv)
             self.macs[name] = self.macs.get(name, 0) + out.numel() * x.shape[1] // conv.groups * k * k
         return _Region(out, oy0, ox0)
 
@@ -375,7 +398,8 @@ def _span(mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     return first.cpu().numpy().astype(np.int64), last.cpu().numpy().astype(np.int64)
 
 
-def warn_if_unused(support: Support) -> None:
-    if not support.use:
-        warnings.warn(f"--incremental does nothing for {support.config or 'this model'}: {support.reason}",
-                      stacklevel=2)
+def unused_warning(support: Support) -> str | None:
+    """The line to print when ``--incremental`` was asked for and does nothing, else None."""
+    if support.use:
+        return None
+    return f"--incremental does nothing for {support.config or 'this model'}: {support.reason}"

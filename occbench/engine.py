@@ -52,6 +52,17 @@ def _textures_for(protocol: Protocol, input_size: int, dtd_root=None):
     return bank, info
 
 
+def _incremental_for(runner: Runner, precision: str) -> dict:
+    """Attach incremental inference to ``runner`` where it applies; run.json's record of the choice."""
+    from occbench.models.incremental import IncrementalRunner, supports_incremental, unused_warning
+    support = supports_incremental(runner.model, precision)
+    if support.use:
+        runner.incremental = IncrementalRunner(runner.model)
+    else:
+        print(f"warning: {unused_warning(support)}", file=sys.stderr)
+    return support.as_dict()
+
+
 def _replay_windows(replay_dir, protocol: Protocol | None, seed: int | None):
     """(protocol, seed, {sample_id: [worst window]}, info) from a finished run directory."""
     source = RunDir.load(replay_dir)
@@ -75,7 +86,8 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
                  max_windows: int | None = None,
                  shard: str | Shard | None = None, replay=None, dtd_root=None, voc_root=None,
                  chunk_samples: int | None = None, progress: bool = True, model_info: dict | None = None,
-                 protocol_overrides: dict | None = None, quiet: bool = False, scale=None) -> Path:
+                 protocol_overrides: dict | None = None, quiet: bool = False, scale=None,
+                 incremental: bool = False) -> Path:
     """Run ``protocol`` for ``model`` on ``dataset``; return the run directory (resumed if it exists).
 
     model: a ZooModel (from :func:`occbench.load_model`); dataset: from :func:`occbench.open_dataset`;
@@ -84,7 +96,9 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
     then taken from that run (leave ``seed`` out; without replay it defaults to 0). Shard: "k/N".
     chunk_samples: samples per resumable chunk (default from the windows per sample). scale: an
     :class:`occbench.parallel.ScaleOut` evaluates the chunks on many workers (same tables as one process).
-    Returns the run directory path.
+    incremental: recompute only what each window changes (:mod:`occbench.models.incremental`; ResNet models
+    in fp32; equal to the full forward up to fp32 rounding; does nothing, with a warning, where it is not
+    supported or measured below 1.1x). Returns the run directory path.
     """
     check_run_options(seed=seed, batch_size=batch_size, limit=limit, max_windows=max_windows, replay=replay)
     seed = 0 if seed is None else seed
@@ -143,6 +157,7 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
                                model_key=f"{model_name} {type(model).__name__} "
                                          f"{json.dumps(provenance.get('options'), sort_keys=True, default=str)}")
     batch_size, memory_format, precision = execution.batch_size, execution.memory_format, execution.precision
+    incremental_info = _incremental_for(runner, precision) if incremental else None
 
     body = getattr(model, "body_model", None)
     config = {
@@ -191,8 +206,11 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
         "command": " ".join(sys.argv),
         "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "status": "running",
+        "incremental": incremental_info,
     }
     run = RunDir.open_or_create(out_dir, {**config, **extra})
+    if run.config.get("incremental") != incremental_info:   # a resumed run records this invocation's choice
+        run.update(incremental=incremental_info)
     try:
         ctx = ChunkContext(protocol=protocol, runner=runner, input_size=input_size, seed=int(seed),
                            batch_size=int(batch_size), pelvis=pelvis, textures=textures, voc=voc, only=only,

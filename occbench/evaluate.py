@@ -194,8 +194,10 @@ def evaluate_chunk(ctx: ChunkContext, loaded, failed) -> dict:
             images = protocol.compose(base, win.select(table, rows), list(sample_ids[slot[rows]]), ctx.seed,
                                       textures=ctx.textures, objects=ctx.voc)
             r = torch.as_tensor(rows, device=device)
-            out3d[r], out_root[r], out2d[r] = runner(images)
+            out3d[r], out_root[r], out2d[r] = runner(images, clean, slot[rows])
             pve[rows] = scoring.vertex_errors(runner.last, out_root[r], out3d[r], gt_verts, slot[rows], ctx.pelvis)
+        if runner.incremental is not None:
+            runner.incremental.release()
         for start in range(0, n_rows, ERROR_ROWS):
             rows = np.arange(start, min(start + ERROR_ROWS, n_rows))
             r = torch.as_tensor(rows, device=device)

@@ -205,6 +205,7 @@ class ChunkJob:
     devices: tuple[str, ...] = ("auto",)
     threads: int = 1
     crop_from: str = "canonical"
+    incremental: bool = False       # the driver attached incremental inference (run --incremental)
     exit_with_driver: bool = False  # loky: the driver is the worker's parent; quit when it dies
 
 
@@ -247,6 +248,9 @@ def _context(job: ChunkJob):
     model = job.model.build(device)
     _LOADS["count"] += 1
     runner = Runner(model, precision=job.precision, memory_format=job.memory_format)
+    if job.incremental:
+        from occbench.models.incremental import IncrementalRunner
+        runner.incremental = IncrementalRunner(model)
     with contextlib.redirect_stderr(io.StringIO()):   # the driver already warned about fallback textures
         textures, _ = _textures_for(job.protocol, job.input_size, job.dtd_root)
     voc = VocOccluders.open(job.voc_root) if job.protocol.uses_voc else None
@@ -503,7 +507,8 @@ def run_chunks(run, ctx, model, dataset, todo, all_chunks, scale: ScaleOut, prog
                    memory_format=ctx.runner.memory_format, pelvis=ctx.pelvis, only=ctx.only,
                    max_windows=ctx.max_windows, dtd_root=None if dtd_root is None else str(dtd_root),
                    voc_root=None if voc_root is None else str(voc_root), devices=devices, threads=scale.threads,
-                   crop_from=ctx.crop_from, exit_with_driver=scale.backend == "loky")
+                   crop_from=ctx.crop_from, incremental=ctx.runner.incremental is not None,
+                   exit_with_driver=scale.backend == "loky")
     counts = execute(run, job, todo, all_chunks, scale, progress)
     ctx.runner.forward_seconds += counts["forward_s"]
     return {"samples": counts["samples"], "windows": counts["windows"]}

@@ -49,6 +49,7 @@ class Runner:
     memory_format: str = "contiguous"
     forward_seconds: float = 0.0      # host time inside forward calls (exact on CPU; launch time on CUDA)
     last: object = None               # the last call's Prediction without extras (params, vertices for PVE)
+    incremental: object = None        # an occbench.models.incremental.IncrementalRunner (--incremental)
 
     def __post_init__(self):
         if self.precision not in PRECISIONS:
@@ -68,11 +69,19 @@ class Runner:
     def grad_context(self):
         return torch.no_grad() if self.model.needs_grad else torch.inference_mode()
 
-    def __call__(self, images: torch.Tensor):
+    def __call__(self, images: torch.Tensor, clean: torch.Tensor | None = None, slots=None):
         """images: (B,3,S,S) RGB [0,1] at the model's input size -> (joints_lsp (B,14,3), joints_h36m root
-        (B,3), joints2d (B,14,2)) fp32, body frame (pelvis not subtracted)."""
+        (B,3), joints2d (B,14,2)) fp32, body frame (pelvis not subtracted).
+
+        With ``clean`` (the clean crops), ``slots`` (row b is an occluded copy of ``clean[slots[b]]``) and an
+        ``incremental`` runner, only what the occluder changes is recomputed (exact up to fp32 rounding)."""
         start = time.perf_counter()
         try:
+            if self.incremental is not None and clean is not None:
+                rotmat, betas, cam, _ = self.incremental.regress_windows(clean, slots, images)
+                pred = self.model.prediction_from_params(rotmat, betas, cam, {})
+                self.last = pred
+                return pred.joints_lsp.float(), pred.joints_h36m[:, 0].float(), pred.joints2d.float()
             images = images.contiguous(memory_format=MEMORY_FORMATS[self.memory_format])
             pred = self.model.predict(images, autocast_dtype=PRECISIONS[self.precision])
             # extras (feature maps, attention) are not kept: they would stay alive into the next batch

@@ -1,13 +1,12 @@
 """Incremental inference: per-window outputs equal the full forward for every supported zoo ResNet model."""
-import warnings
-
 import numpy as np
 import pytest
 import torch
 
 from occbench import occluders as occ
+from occbench import windows as win
 from occbench.models import incremental
-from occbench.models.incremental import IncrementalRunner, supports_incremental, warn_if_unused
+from occbench.models.incremental import IncrementalRunner, supports_incremental, unused_warning
 from occbench.protocol import load_protocol
 from occbench.zoo import load_model
 
@@ -61,7 +60,7 @@ def window_table(size, count):
     """Boxes crossing each image border, a 3x larger box, a 1-pixel box and an untouched (clean) row (sizes
     vary within one batch), then ``count`` occsens40-dense windows: the corners first, then the middle."""
     table = load_protocol("occsens40-dense").windows("s", size, 0)
-    n, side = len(table["window"]), occ.grid_count(size, occ.scale_px(40, size), occ.scale_px(8, size))
+    n, side = len(table["window"]), win.grid_count(size, win.scale_px(40, size), win.scale_px(8, size))
     picks = [0, n - 1, side - 1, n - side, n // 2 + 3, side * (side // 2)][:count]
     rows = {k: np.concatenate([v[picks], v[:6]]) for k, v in table.items()}
     half = rows["occ_hw"][0]
@@ -97,7 +96,7 @@ def test_windows_equal_the_full_forward(case):
         cache = runner.cache(clean)
         full = model.regress(model.preprocess(images))
         fast = runner.regress(cache, samples, images)
-        untouched = model.regress(model.preprocess(clean[samples]))
+        untouched = [out[torch.as_tensor(samples)] for out in model.regress(model.preprocess(clean))[:3]]
         full_pred = model.prediction_from_params(*full[:3])
         fast_pred = model.prediction_from_params(*fast[:3])
     effect = (full[0] - untouched[0]).abs().amax(dim=(1, 2, 3))
@@ -175,9 +174,38 @@ def test_support_and_measured_gain(monkeypatch):
     monkeypatch.setitem(incremental.MEASURED_GAIN, "pare/resnet18/3/96", 1.05)
     support = supports_incremental(demo)
     assert support.supported and not support.use and "1.05" in support.reason
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        warn_if_unused(support)
-    assert any("does nothing" in str(w.message) for w in caught)
+    assert "does nothing for pare/resnet18/3/96" in unused_warning(support)
+    assert not supports_incremental(demo.train()).supported
     with pytest.raises(ValueError, match="eval mode"):
-        IncrementalRunner(demo.train())
+        IncrementalRunner(demo)
+
+
+def test_engine_run_with_incremental_equals_the_normal_run(tmp_path, single_thread, capsys):
+    import json
+
+    import pandas as pd
+
+    from occbench.engine import run_protocol
+    from test_engine import TinyDataset, tiny_model
+
+    options, _, pose_std = MODELS["pare-demo"]
+    model = well_scaled(load_model("pare-demo", weights="random", device="cpu", **options), 96, pose_std)
+    kwargs = dict(batch_size=8, memory_format="contiguous", progress=False, quiet=True, max_windows=12)
+    runs = {flag: run_protocol(model, TinyDataset(2), "occsens40", tmp_path / str(flag), incremental=flag,
+                               **kwargs) for flag in (False, True)}
+    normal, fast = (pd.read_parquet(runs[flag] / "joints.parquet") for flag in (False, True))
+    assert len(normal) == len(fast) == 14 * 2 * 13                # 2 samples x (clean + 12 windows)
+    assert (normal["window"].to_numpy() == fast["window"].to_numpy()).all()
+    assert np.abs(normal["mpjpe"].to_numpy() - fast["mpjpe"].to_numpy()).max() < VERT_TOL_MM
+    assert normal["mpjpe"].std() > 1.0                         # the windows do move the joints
+    record = json.loads((runs[True] / "run.json").read_text())["incremental"]
+    assert record["used"] and record["config"] == "pare/resnet18/3/96"
+    assert json.loads((runs[False] / "run.json").read_text())["incremental"] is None
+
+    # a model it cannot run: a warning, recorded, and the very same numbers as without the flag
+    tiny = tiny_model()
+    plain = run_protocol(tiny, TinyDataset(1), "occsens40", tmp_path / "tiny", **kwargs)
+    asked = run_protocol(tiny, TinyDataset(1), "occsens40", tmp_path / "tiny-inc", incremental=True, **kwargs)
+    assert "--incremental does nothing" in capsys.readouterr().err
+    assert json.loads((asked / "run.json").read_text())["incremental"]["used"] is False
+    pd.testing.assert_frame_equal(pd.read_parquet(plain / "joints.parquet"), pd.read_parquet(asked / "joints.parquet"))

@@ -78,6 +78,9 @@ def protocols(verbose):
 @click.option("--devices", default=None,
               help="Devices a node's workers take in turn, e.g. cuda:0,cuda:1; auto: one worker per GPU.")
 @click.option("--worker-threads", default=1, show_default=True, type=int, help="Torch threads per worker.")
+@click.option("--incremental", is_flag=True,
+              help="Recompute only what each window changes (ResNet models, fp32; same numbers up to fp32 "
+                   "rounding).")
 @click.option("--no-progress", is_flag=True)
 @click.option("--report", "report_dir", default=None,
               help="Where the run's HTML report goes (default reports/<run directory name>).")
@@ -85,7 +88,7 @@ def protocols(verbose):
 def run(model_name, protocol_name, dataset, dataset_root, checkpoint, checkpoint_dir, allow_partial, weights,
         model_options, smpl_dir, data_dir, out_dir, seed, batch_size, precision, memory_format, device, threads,
         limit, max_windows, chunk_samples, shard, replay, dtd_root, voc_root, overrides, workers, backend,
-        scheduler, address, devices, worker_threads, no_progress, report_dir, no_report):
+        scheduler, address, devices, worker_threads, incremental, no_progress, report_dir, no_report):
     """Run a protocol end to end and write a run directory (resumes when it exists)."""
     from occbench.errors import UserError
     from occbench.keyvalue import parse_pairs
@@ -146,7 +149,8 @@ def run(model_name, protocol_name, dataset, dataset_root, checkpoint, checkpoint
                            max_windows=max_windows,
                            shard=shard, replay=replay, dtd_root=dtd_root, voc_root=voc_root,
                            chunk_samples=chunk_samples, progress=not no_progress,
-                           protocol_overrides=protocol_overrides or None, scale=scale)
+                           protocol_overrides=protocol_overrides or None, scale=scale,
+                           incremental=incremental)
     if shard or no_report:
         return
     from pathlib import Path
