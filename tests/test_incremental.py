@@ -209,3 +209,23 @@ def test_engine_run_with_incremental_equals_the_normal_run(tmp_path, single_thre
     assert "--incremental does nothing" in capsys.readouterr().err
     assert json.loads((asked / "run.json").read_text())["incremental"]["used"] is False
     pd.testing.assert_frame_equal(pd.read_parquet(plain / "joints.parquet"), pd.read_parquet(asked / "joints.parquet"))
+
+
+def test_workers_run_incrementally_too(tmp_path, single_thread):
+    """A worker rebuilds the runner with incremental inference: its tables equal the serial incremental run's
+    bit for bit, and differ from a normal run's (by fp32 rounding only)."""
+    import pandas as pd
+
+    from occbench.engine import run_protocol
+    from occbench.parallel import ScaleOut
+    from test_engine import TinyDataset
+
+    model = load_model("pare-demo", device="cpu")    # the bundled weights; rebuilt by name on the worker
+    kwargs = dict(batch_size=8, memory_format="contiguous", progress=False, quiet=True, max_windows=6)
+    runs = {name: run_protocol(model, TinyDataset(2), "occsens40", tmp_path / name, **kwargs, **extra)
+            for name, extra in {"normal": {}, "serial": {"incremental": True},
+                                "worker": {"incremental": True, "scale": ScaleOut(workers=1, threads=1)}}.items()}
+    mpjpe = {name: pd.read_parquet(path / "joints.parquet")["mpjpe"].to_numpy() for name, path in runs.items()}
+    assert (mpjpe["worker"] == mpjpe["serial"]).all()
+    assert (mpjpe["worker"] != mpjpe["normal"]).any()
+    assert np.abs(mpjpe["worker"] - mpjpe["normal"]).max() < VERT_TOL_MM
