@@ -29,15 +29,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from occbench.models.backbones.resnet import STAGE_NAMES, BasicBlock, Bottleneck
+from occbench.models.backbones.resnet import LAYERS, STAGE_NAMES, BasicBlock, Bottleneck
 
 MIN_USEFUL_GAIN = 1.1
 # windows/s with / without incremental inference (the faster memory format), CPU time, one thread,
 # occsens40-dense, random weights: bench/bench_incremental.py (README, "Benchmarks"). A configuration measured
 # below MIN_USEFUL_GAIN is run normally; one not listed here runs incrementally ("gain not measured").
 MEASURED_GAIN = {
-    "pare/resnet50/4/224": 1.74,         # batch 8 (2.17 at batch 16); FLOP bound 1.77
-    "pare/resnet18/3/96": 1.14,          # pare-demo, batch 16 (1.13-1.23 over runs); FLOP bound 1.39
+    "pare/resnet50/4/224/2x128": 1.74,   # batch 8 (2.17 at batch 16); FLOP bound 1.77
+    "pare/resnet18/3/96/2x128": 1.14,    # pare-demo, batch 16 (1.13-1.23 over runs); FLOP bound 1.39
     "spin/resnet50/4/224": 1.93,         # SPIN and HMR-EFT, batch 8; FLOP bound 1.95
     "3dnbf-reg/resnet50/4/320": 1.05,    # batch 8; FLOP bound 1.12 (the UNet decoder changes everywhere)
 }
@@ -48,7 +48,7 @@ MEASURED_GAIN = {
 class Support:
     """Whether incremental inference applies to a model, and why (recorded in run.json)."""
 
-    config: str            # e.g. "pare/resnet50/4/224"
+    config: str            # model/trunk/stages/input size[/head], e.g. "pare/resnet50/4/224/2x128"
     supported: bool        # the layout is one this module can run exactly
     use: bool              # supported and not measured below MIN_USEFUL_GAIN
     measured_gain: float | None
@@ -71,7 +71,7 @@ def _plan(model: nn.Module):
             return f"pare with the {model.backbone_name} backbone (only ResNet trunks are supported)"
         trunk = model.backbone
         last = STAGE_NAMES[model.backbone_stages - 1]
-        return (f"pare/resnet{trunk.depth}/{model.backbone_stages}/{size}", trunk, (last,),
+        return (f"pare/resnet{trunk.depth}/{model.backbone_stages}/{size}/{model.head_name}", trunk, (last,),
                 partial(_on_stage, model.regress_features, last))
     if type(model) is HMRRegressor:
         stages = [n for n in STAGE_NAMES if n in model._modules]
@@ -90,7 +90,6 @@ def _on_stage(regress, stage: str, stages: dict):
 def _depth(trunk: nn.Module) -> int:
     blocks = [len(getattr(trunk, n)) for n in STAGE_NAMES if n in trunk._modules]
     bottleneck = isinstance(trunk.layer1[0], Bottleneck)
-    from occbench.models.backbones.resnet import LAYERS
     for depth, (kind, counts) in LAYERS.items():
         if (kind == "bottleneck") == bottleneck and list(counts[:len(blocks)]) == blocks:
             return depth
@@ -98,6 +97,7 @@ def _depth(trunk: nn.Module) -> int:
 
 
 def supports_incremental(model: nn.Module, precision: str = "fp32") -> Support:
+    """Whether ``run --incremental`` can run ``model`` (its layout, eval mode, fp32) and is worth it there."""
     plan = _plan(model)
     if isinstance(plan, str):
         return Support("", False, False, None, plan)

@@ -169,12 +169,12 @@ def test_support_and_measured_gain(monkeypatch):
     assert not support.supported and "hrnet" in support.reason
     demo = load_model("pare-demo", weights="random", device="cpu").eval()
     support = supports_incremental(demo)
-    assert support.config == "pare/resnet18/3/96" and support.use
+    assert support.config == "pare/resnet18/3/96/2x128" and support.use
     assert not supports_incremental(demo, precision="bf16").use
-    monkeypatch.setitem(incremental.MEASURED_GAIN, "pare/resnet18/3/96", 1.05)
+    monkeypatch.setitem(incremental.MEASURED_GAIN, "pare/resnet18/3/96/2x128", 1.05)
     support = supports_incremental(demo)
     assert support.supported and not support.use and "1.05" in support.reason
-    assert "does nothing for pare/resnet18/3/96" in unused_warning(support)
+    assert "does nothing for pare/resnet18/3/96/2x128" in unused_warning(support)
     assert not supports_incremental(demo.train()).supported
     with pytest.raises(ValueError, match="eval mode"):
         IncrementalRunner(demo)
@@ -199,7 +199,7 @@ def test_engine_run_with_incremental_equals_the_normal_run(tmp_path, single_thre
     assert np.abs(normal["mpjpe"].to_numpy() - fast["mpjpe"].to_numpy()).max() < VERT_TOL_MM
     assert normal["mpjpe"].std() > 1.0                         # the windows do move the joints
     record = json.loads((runs[True] / "run.json").read_text())["incremental"]
-    assert record["used"] and record["config"] == "pare/resnet18/3/96"
+    assert record["used"] and record["config"] == "pare/resnet18/3/96/2x128"
     assert json.loads((runs[False] / "run.json").read_text())["incremental"] is None
 
     # a model it cannot run: a warning, recorded, and the very same numbers as without the flag
