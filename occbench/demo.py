@@ -35,6 +35,8 @@ def main(argv=None) -> Path:
     parser.add_argument("--out-runs", default="runs/demo")
     parser.add_argument("--report", default="reports/demo")
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: occbench's rule; pass 1 on a machine other jobs share)")
     args = parser.parse_args(argv)
 
     from occbench.data import open_dataset
@@ -52,9 +54,12 @@ def main(argv=None) -> Path:
     for name in PROTOCOLS:
         out = Path(args.out_runs) / f"{spec['name']}-{name}"
         print(f"== {spec['name']} / {name} on the demo set ({len(dataset)} samples) -> {out}")
-        run_dirs.append(run_protocol(model, dataset, load_protocol(name), out, seed=0, limit=args.limit))
+        run_dirs.append(run_protocol(model, dataset, load_protocol(name), out, seed=0, limit=args.limit,
+                                     threads=args.threads))
+    evaluated = time.time()
     index = write_report(run_dirs, args.report, title="occbench demo report")
-    print(f"demo finished in {time.time() - started:.0f} s")
+    print(f"demo finished in {time.time() - started:.0f} s (runs {evaluated - started:.0f} s, "
+          f"report {time.time() - evaluated:.0f} s)")
     print(f"report: {index.resolve()}")
     return index
 
