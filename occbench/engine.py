@@ -32,8 +32,11 @@ from occbench.evaluate import ChunkContext, evaluate_chunk, load_chunk
 from occbench.protocol import Protocol, load_protocol, validate
 from occbench.rundir import RUN_JSON, RunDir, Shard, copy_chunks, plan_chunks, read_config
 from occbench.runner import Runner, plan_execution
+from occbench.search import SEARCHES, SearchParams
 from occbench.scoring import format_summary, summarize
 from occbench.voc import VocOccluders
+
+ADAPTIVE_CHUNK_SAMPLES = 8
 
 
 def _textures_for(protocol: Protocol, input_size: int, dtd_root=None):
@@ -87,7 +90,8 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
                  shard: str | Shard | None = None, replay=None, dtd_root=None, voc_root=None,
                  chunk_samples: int | None = None, progress: bool = True, model_info: dict | None = None,
                  protocol_overrides: dict | None = None, quiet: bool = False, scale=None,
-                 incremental: bool = False) -> Path:
+                 incremental: bool = False, search: str = "exhaustive",
+                 search_params: SearchParams | None = None) -> Path:
     """Run ``protocol`` for ``model`` on ``dataset``; return the run directory (resumed if it exists).
 
     model: a ZooModel (from :func:`occbench.load_model`); dataset: from :func:`occbench.open_dataset`;
@@ -98,7 +102,9 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
     :class:`occbench.parallel.ScaleOut` evaluates the chunks on many workers (same tables as one process).
     incremental: recompute only what each window changes (:mod:`occbench.models.incremental`; ResNet models
     in fp32; equal to the full forward up to fp32 rounding; does nothing, with a warning, where it is not
-    supported or measured below 1.1x). Returns the run directory path.
+    supported or measured below 1.1x). search: "exhaustive" (every window) or "adaptive" (worst-window
+    protocols only: :mod:`occbench.search` with ``search_params``, by default :class:`SearchParams`'s).
+    Returns the run directory path.
     """
     check_run_options(seed=seed, batch_size=batch_size, limit=limit, max_windows=max_windows, replay=replay)
     seed = 0 if seed is None else seed
@@ -119,6 +125,7 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
         raise UserError(f"--replay {replay}: that run drew textures from another set "
                         f"({replay_textures.get('kind')} {replay_textures.get('root')}); pass the same --dtd-root")
     voc = VocOccluders.open(voc_root) if protocol.uses_voc else None
+    adaptive = adaptive_search_params(search, search_params, protocol, replay, max_windows)
     n_total = len(dataset)
     n_samples = min(n_total, limit) if limit else n_total
     per_sample = protocol.n_windows(input_size) or 1
@@ -126,6 +133,8 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
         per_sample = max(1, min(per_sample, max_windows))
     if replay is not None:
         per_sample = 1
+    if adaptive is not None:   # a chunk's samples search together: more samples keep the rounds' batches full
+        chunk_samples = chunk_samples or ADAPTIVE_CHUNK_SAMPLES
     chunk_samples = chunk_samples or int(min(64, max(1, math.ceil(256 / (per_sample + 1)))))
     provenance = getattr(model, "provenance", {}) or {}
     model_info = {**(getattr(model, "run_info", None) or {}), **(model_info or {})}   # outside models' record
@@ -141,6 +150,7 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
         tag = f"-shard{shard.index}of{shard.count}" if shard else ""
         tag += f"-limit{limit}" if limit else ""
         tag += "-replay" if replay is not None else ""
+        tag += "-adaptive" if adaptive is not None else ""
         out_dir = Path("runs") / safe_folder_name(
             f"{model_name}-{protocol.name}-{getattr(dataset, 'name', 'dataset')}-s{seed}{tag}")
     out_dir = Path(out_dir)
@@ -182,6 +192,7 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
         "shard": str(shard) if shard else None,
         "textures": texture_info,
         "replay": replay_info,
+        **({"search": adaptive.record()} if adaptive is not None else {}),
         "conventions": {**conventions, "pelvis": pelvis, "joint_set": "lsp14",
                         "reduction": protocol.reduction, "pckh_threshold": protocol.pckh_threshold,
                         "pa_mpjpe_min_joints": metrics.MIN_PA_JOINTS,
@@ -214,7 +225,8 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
     try:
         ctx = ChunkContext(protocol=protocol, runner=runner, input_size=input_size, seed=int(seed),
                            batch_size=int(batch_size), pelvis=pelvis, textures=textures, voc=voc, only=only,
-                           max_windows=max_windows, crop_from=_crop_from(model, dataset, input_size))
+                           max_windows=max_windows, crop_from=_crop_from(model, dataset, input_size),
+                           search=adaptive)
         return _run_chunks(run, runner, dataset, n_samples, chunk_samples, shard, progress, quiet, ctx,
                            scale=scale, dtd_root=dtd_root, voc_root=voc_root)
     finally:
@@ -275,6 +287,8 @@ def _run_chunks(run: RunDir, runner: Runner, dataset, n_samples, chunk_samples, 
     metrics = summarize(run, [c for c, _, _ in chunks])
     run.concatenate([c for c, _, _ in chunks])
     run.write_metrics(metrics)
+    if ctx.search is not None:
+        run.update(search_cost=_search_cost(run, ctx.protocol.n_windows(ctx.input_size)))
     run.update(status="complete", finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     if not quiet:
         print(format_summary(run.config, metrics))
@@ -294,6 +308,31 @@ def _report_repairs(run: RunDir) -> None:
     if run.cleaned:
         print(f"note: {run.path}: removed {len(run.cleaned)} temporary file(s) of an interrupted write",
               file=sys.stderr)
+
+
+def adaptive_search_params(search: str, params: SearchParams | None, protocol: Protocol, replay, max_windows):
+    """The adaptive search's parameters, None for the exhaustive search; refuses what it cannot search."""
+    if search not in SEARCHES:
+        raise UserError(f"--search {search!r}: valid: {', '.join(SEARCHES)}")
+    if search == "exhaustive":
+        return None
+    if protocol.kind not in ("occsens", "advocc") or protocol.report != "worst":
+        raise UserError(f"--search adaptive: protocol {protocol.name!r} reports {protocol.report!r} over "
+                        f"{protocol.kind!r} windows; the adaptive search finds worst windows on a sliding grid "
+                        "(advocc40, advocc80); leave out --search")
+    if replay is not None or max_windows is not None:
+        raise UserError("--search adaptive cannot be combined with --replay or --max-windows (they choose the "
+                        "windows themselves); leave out one of them")
+    return params or SearchParams()
+
+
+def _search_cost(run: RunDir, grid_windows: int) -> dict:
+    """Forwards the adaptive search spent (run.json ``search_cost``), next to the exhaustive grid."""
+    evaluated = run.read_table("samples", columns=["n_windows"]).column("n_windows").to_numpy()
+    per_sample = float(evaluated.mean()) if len(evaluated) else 0.0
+    return {"windows": int(evaluated.sum()), "windows_per_sample": round(per_sample, 2),
+            "grid_windows_per_sample": int(grid_windows),
+            "fewer_forwards": round(grid_windows / per_sample, 3) if per_sample else None}
 
 
 def execute_chunks(run: RunDir, ctx: ChunkContext, dataset, todo, total: int, progress: bool = True) -> dict:
@@ -330,7 +369,7 @@ def merge_runs(shard_dirs, out_dir) -> Path:
     first = shards[0].config
     for other in shards[1:]:
         for key in ("model", "dataset", "protocol", "seed", "precision", "batch_size", "memory_format",
-                    "chunk_samples", "n_samples", "textures", "conventions", "replay"):
+                    "chunk_samples", "n_samples", "textures", "conventions", "replay", "search"):
             if json.dumps(other.config.get(key), sort_keys=True) != json.dumps(first.get(key), sort_keys=True):
                 raise UserError(f"merge: {other.path} differs from {shards[0].path} in {key!r}; "
                                 "only shards of one run can be merged")

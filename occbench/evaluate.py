@@ -21,6 +21,7 @@ from occbench.data.joints import LSP14_NAMES
 from occbench.errors import UserError
 from occbench.protocol import Protocol
 from occbench.runner import Runner
+from occbench.search import SearchParams, search_worst_windows
 from occbench.voc import VocOccluders
 
 N_JOINTS = len(LSP14_NAMES)
@@ -43,6 +44,7 @@ class ChunkContext:
     max_windows: int | None = None    # only each sample's first N windows (quick looks, benchmarks)
     crop_from: str = "canonical"      # "image": the model's input is cut from the source image at input_size
                                       # (Sample.model_crop); "canonical": the 224 px crop resized (bilinear)
+    search: SearchParams | None = None  # adaptive worst-window search (occbench.search); None: every window
 
 
 @dataclass
@@ -188,25 +190,43 @@ def evaluate_chunk(ctx: ChunkContext, loaded, failed) -> dict:
         out3d[clean_rows], out_root[clean_rows], out2d[clean_rows] = c3d, croot, c2d
         window_rows = np.flatnonzero(~is_clean)
         sample_ids = np.array([p.sample.sample_id for p in prepared], dtype=object)
-        for start in range(0, len(window_rows), ctx.batch_size):
-            rows = window_rows[start:start + ctx.batch_size]
-            base = clean[torch.as_tensor(slot[rows], device=device)]
-            images = protocol.compose(base, win.select(table, rows), list(sample_ids[slot[rows]]), ctx.seed,
-                                      textures=ctx.textures, objects=ctx.voc)
-            r = torch.as_tensor(rows, device=device)
-            out3d[r], out_root[r], out2d[r] = runner(images, clean, slot[rows])
-            pve[rows] = scoring.vertex_errors(runner.last, out_root[r], out3d[r], gt_verts, slot[rows], ctx.pelvis)
+
+        def forward(window_rows):
+            for start in range(0, len(window_rows), ctx.batch_size):
+                rows = window_rows[start:start + ctx.batch_size]
+                base = clean[torch.as_tensor(slot[rows], device=device)]
+                images = protocol.compose(base, win.select(table, rows), list(sample_ids[slot[rows]]), ctx.seed,
+                                          textures=ctx.textures, objects=ctx.voc)
+                r = torch.as_tensor(rows, device=device)
+                out3d[r], out_root[r], out2d[r] = runner(images, clean, slot[rows])
+                pve[rows] = scoring.vertex_errors(runner.last, out_root[r], out3d[r], gt_verts, slot[rows],
+                                                  ctx.pelvis)
+
+        def score(all_rows):
+            for start in range(0, len(all_rows), ERROR_ROWS):
+                rows = all_rows[start:start + ERROR_ROWS]
+                r = torch.as_tensor(rows, device=device)
+                s = torch.as_tensor(slot[rows], device=device)
+                m, pm, pk, ax = scoring.joint_errors(
+                    out3d[r], out_root[r], out2d[r], ref3d[s], ref2d[s], head[s],
+                    torch.as_tensor(visible[rows], device=device), torch.as_tensor(pck_mask[rows], device=device),
+                    ctx.pelvis, protocol.pckh_threshold)
+                mpjpe[rows], pa_err[rows], pck[rows], axis_err[rows] = m, pm, pk, ax
+
+        if ctx.search is None:
+            forward(window_rows)
+            score(np.arange(n_rows))
+        else:
+            score(clean_rows)
+            searched = _search_worst_windows(ctx, slot, is_clean, mpjpe, visible,
+                                             lambda rows: (forward(rows), score(rows)))
+            # the run keeps the windows the search evaluated: rows identical to the exhaustive run's rows
+            keep = np.flatnonzero(is_clean | searched)
+            table, slot = win.select(table, keep), slot[keep]
+            mpjpe, pa_err, pck, axis_err, pve = mpjpe[keep], pa_err[keep], pck[keep], axis_err[keep], pve[keep]
+            visible, occluded, in_crop = visible[keep], occluded[keep], in_crop[keep]
         if runner.incremental is not None:
             runner.incremental.release()
-        for start in range(0, n_rows, ERROR_ROWS):
-            rows = np.arange(start, min(start + ERROR_ROWS, n_rows))
-            r = torch.as_tensor(rows, device=device)
-            s = torch.as_tensor(slot[rows], device=device)
-            m, pm, pk, ax = scoring.joint_errors(
-                out3d[r], out_root[r], out2d[r], ref3d[s], ref2d[s], head[s],
-                torch.as_tensor(visible[rows], device=device), torch.as_tensor(pck_mask[rows], device=device),
-                ctx.pelvis, protocol.pckh_threshold)
-            mpjpe[rows], pa_err[rows], pck[rows], axis_err[rows] = m, pm, pk, ax
 
     sample_index = np.array([p.index for p in prepared])
     joints = rundir.joint_table(table, sample_index[slot], sample_ids[slot], mpjpe=mpjpe, pa_mpjpe=pa_err,
@@ -233,6 +253,26 @@ def clean_inputs(prepared: list, size: int, device) -> torch.Tensor:
     if size != clean.shape[-1]:
         clean = F.interpolate(clean, size=(size, size), mode="bilinear", align_corners=False, antialias=False)
     return clean
+
+
+def _search_worst_windows(ctx: ChunkContext, slot, is_clean, mpjpe, visible, evaluate_rows) -> np.ndarray:
+    """The adaptive search (:mod:`occbench.search`) of every sample of the chunk, round by round: each round
+    evaluates the windows all searching samples ask for (``evaluate_rows(rows)`` fills their errors), so
+    forward batches span samples. Returns (n_rows,) bool: the window rows evaluated."""
+    n_axis = ctx.protocol.grid(ctx.input_size)[2]
+    # a grid table holds windows 0..N-1 in order right after the sample's clean row
+    first_window_row = np.flatnonzero(is_clean) + 1
+    evaluated = np.zeros(len(slot), bool)
+
+    def evaluate(requests):
+        rows = np.concatenate([first_window_row[s] + w for s, w in enumerate(requests)])
+        evaluate_rows(rows)
+        evaluated[rows] = True
+        scores = scoring.window_scores(mpjpe[rows], visible[rows])
+        return np.split(scores, np.cumsum([len(w) for w in requests])[:-1])
+
+    search_worst_windows([(n_axis, n_axis)] * len(first_window_row), evaluate, ctx.search)
+    return evaluated
 
 
 def _params_of(pred):

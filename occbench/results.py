@@ -107,6 +107,8 @@ class Run:
             out.append(f"replayed adversarial set from {self.config['replay'].get('model')} (transfer attack)")
         if self.config.get("limit"):
             out.append(f"--limit {self.config['limit']}: a subset of the dataset")
+        if self.search_note:
+            out.append(self.search_note)
         if conv.get("joint_regressor") == "smpl24-fallback":
             out.append("LSP-14 joints from SMPL's 24 joints (no J_regressor_h36m): not comparable")
         model = self.config["model"]
@@ -129,6 +131,19 @@ class Run:
         """Mesh-dependent results the model cannot give ('pve', 'sensitivity_meshes') -> the reason (an outside
         model's declared outputs, see occbench.adapters)."""
         return dict(self.config["model"].get("unavailable") or {})
+
+    @property
+    def search_note(self) -> str:
+        """What the adaptive worst-window search did ('' for the exhaustive search)."""
+        search = self.config.get("search")
+        if not search:
+            return ""
+        cost = self.config.get("search_cost") or {}
+        spent = (f": {cost['windows_per_sample']:g} of {cost['grid_windows_per_sample']} windows per sample "
+                 f"({cost['fewer_forwards']:g}x fewer forwards)" if cost.get("windows_per_sample") else "")
+        return (f"adaptive worst-window search (coarse stride {search['coarse_stride']}, top {search['top']}, "
+                f"radius {search['radius']}){spent}; a worst window can be missed (then the error is lower "
+                "than the exhaustive search's), and 'all windows' covers the searched windows only")
 
     # ---------------------------------------------------------------- raw tables
     @cached_property
@@ -389,6 +404,10 @@ def compare_runs(runs, n_boot: int = 1000, seed: int = 0) -> Comparison:
         if a.config.get("limit") != b.config.get("limit") or a.config.get("n_samples") != b.config.get("n_samples"):
             flags.append(f"sample sets differ: {a.label} ({a.config.get('n_samples')} samples) vs "
                          f"{b.label} ({b.config.get('n_samples')} samples)")
+        if bool(a.config.get("search")) != bool(b.config.get("search")):
+            adaptive, exhaustive = (a, b) if a.config.get("search") else (b, a)
+            flags.append(f"worst windows searched differently: {adaptive.label} adaptive (may miss the worst "
+                         f"window), {exhaustive.label} exhaustive")
         if bool(a.config.get("replay")) != bool(b.config.get("replay")):
             flags.append(f"one run replays another model's adversarial set: {a.label} vs {b.label}")
     records = []

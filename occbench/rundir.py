@@ -79,7 +79,8 @@ PREDICTION_SCHEMA = pa.schema([("sample_index", pa.int64()), ("sample_id", pa.st
                                ("cam", pa.list_(pa.float32()))])
 # run.json keys that must match for a resume or a merge (everything that changes the numbers)
 IDENTITY_KEYS = ("model", "dataset", "protocol", "seed", "precision", "batch_size", "memory_format",
-                 "chunk_samples", "n_samples", "textures", "replay", "conventions", "max_windows")
+                 "chunk_samples", "n_samples", "textures", "replay", "conventions", "max_windows",
+                 "search")
 
 
 @dataclass(frozen=True)

@@ -67,6 +67,12 @@ def _sample_mean(values, mask) -> float:
     return float(num[0]) if len(num) else float("nan")
 
 
+def window_scores(mpjpe, visible) -> np.ndarray:
+    """(n,) the score a worst window is chosen by: each window's mean MPJPE over its visible joints (NaN where
+    none is visible). mpjpe, visible: (n,14) rows of windows."""
+    return _row_means(mpjpe, visible)
+
+
 def sample_summary(index: int, sample_id: str, table: dict, rows, mpjpe, pa_err, pck, visible,
                    texture_names=None) -> dict:
     """One row of samples.parquet: the sample's clean errors, its mean over windows and its worst window
@@ -74,7 +80,7 @@ def sample_summary(index: int, sample_id: str, table: dict, rows, mpjpe, pa_err,
     and windows) of the chunk's window table and error arrays; texture_names: the texture bank's names."""
     window = table["window"][rows]
     m, p, k, v = mpjpe[rows], pa_err[rows], pck[rows], visible[rows]
-    per_m = _row_means(m, v)
+    per_m = window_scores(m, v)
     per_p = _row_means(p, metrics.pa_mask(torch.from_numpy(v)).numpy())
     per_k = _row_means(np.nan_to_num(k), v & np.isfinite(k))
     clean, occl = window < 0, window >= 0
@@ -280,6 +286,12 @@ def format_summary(config: dict, metrics: dict) -> str:
     if not config.get("comparable", True):
         lines.append("note: not comparable to published numbers (random weights, stand-in body or "
                      "fallback textures; see run.json)")
+    if config.get("search"):
+        s = config["search"]
+        cost = config.get("search_cost") or {}
+        lines.append(f"search: adaptive (coarse stride {s['coarse_stride']}, top {s['top']}, radius {s['radius']}): "
+                     f"{cost.get('windows_per_sample', '?')} of {cost.get('grid_windows_per_sample', '?')} "
+                     "windows per sample evaluated")
     red = p["reduction"]
     lines.append(f"{'':18s}{'MPJPE':>10s}{'PA-MPJPE':>10s}{'PCKh@' + str(p['pckh_threshold']):>10s}"
                  f"{'joints':>9s}   ({red})")

@@ -81,6 +81,9 @@ def protocols(verbose):
 @click.option("--incremental", is_flag=True,
               help="Recompute only what each window changes (ResNet models, fp32; same numbers up to fp32 "
                    "rounding).")
+@click.option("--search", type=click.Choice(["exhaustive", "adaptive"]), default="exhaustive", show_default=True,
+              help="Worst-window protocols: try every window, or search the worst one with fewer forwards "
+                   "(coarse grid, then the neighbourhoods of the worst windows; may miss it, recorded).")
 @click.option("--no-progress", is_flag=True)
 @click.option("--report", "report_dir", default=None,
               help="Where the run's HTML report goes (default reports/<run directory name>).")
@@ -88,7 +91,7 @@ def protocols(verbose):
 def run(model_name, protocol_name, dataset, dataset_root, checkpoint, checkpoint_dir, allow_partial, weights,
         model_options, smpl_dir, data_dir, out_dir, seed, batch_size, precision, memory_format, device, threads,
         limit, max_windows, chunk_samples, shard, replay, dtd_root, voc_root, overrides, workers, backend,
-        scheduler, address, devices, worker_threads, incremental, no_progress, report_dir, no_report):
+        scheduler, address, devices, worker_threads, incremental, search, no_progress, report_dir, no_report):
     """Run a protocol end to end and write a run directory (resumes when it exists)."""
     from occbench.errors import UserError
     from occbench.keyvalue import parse_pairs
@@ -126,6 +129,8 @@ def run(model_name, protocol_name, dataset, dataset_root, checkpoint, checkpoint
     if protocol_name:   # fail on a bad protocol before loading the model
         from occbench.protocol import load_protocol
         protocol = load_protocol(protocol_name, **protocol_overrides)
+        from occbench.engine import adaptive_search_params
+        adaptive_search_params(search, None, protocol, replay, max_windows)
         if in_zoo:
             from occbench.models import get_entry
             protocol.check_input_size(int(options.get("input_size", get_entry(model_name).input_size)))
@@ -150,7 +155,7 @@ def run(model_name, protocol_name, dataset, dataset_root, checkpoint, checkpoint
                            shard=shard, replay=replay, dtd_root=dtd_root, voc_root=voc_root,
                            chunk_samples=chunk_samples, progress=not no_progress,
                            protocol_overrides=protocol_overrides or None, scale=scale,
-                           incremental=incremental)
+                           incremental=incremental, search=search)
     if shard or no_report:
         return
     from pathlib import Path
