@@ -36,7 +36,8 @@ def window_scores(run_dir: Path) -> dict:
     joints = joints[joints["window"] >= 0].sort_values(["sample_id", "window", "joint"])
     out = {}
     for sample_id, rows in joints.groupby("sample_id", sort=False):
-        out[sample_id] = scores_of(rows["mpjpe"].to_numpy().reshape(-1, 14), rows["visible"].to_numpy().reshape(-1, 14))
+        out[sample_id] = scores_of(rows["mpjpe"].to_numpy(copy=True).reshape(-1, 14),
+                                   rows["visible"].to_numpy(copy=True).reshape(-1, 14))
     return out
 
 
