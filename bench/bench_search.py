@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -102,7 +103,8 @@ def main(argv=None):
     dataset = open_dataset("demo")
     models = [("pare-demo", dict(name="pare-demo"), args.demo_samples, 32),
               ("pare-r50-random", dict(name="pare", weights="random", backbone="resnet50"), args.r50_samples, 16)]
-    print(f"adaptive search {params.record()} vs exhaustive; one thread; run directories in {work}")
+    print(f"adaptive search {params.record()} vs exhaustive; one thread; run directories in {work}"
+          + ("" if args.work else " (removed at the end; --work keeps them)"))
     header = (f"{'model':16s}{'protocol':10s}{'samples':>8s}{'forwards/sample':>22s}{'fewer':>7s}{'same worst':>11s}"
               f"{'worst MPJPE ratio mean / min':>30s}{'dataset':>9s}{'CPU s ex / ad':>17s}")
     results = []
@@ -133,12 +135,16 @@ def main(argv=None):
               if not (r["fewer"] >= 3 and r["same"] >= 0.95 and abs(r["dataset_ratio"] - 1) <= 0.01)]
     print("goal (>= 3x fewer forwards, the same worst window on >= 95% of samples, dataset within 1%): "
           + (f"NOT met on {', '.join(missed)}" if missed else "met on every row"))
+    sweeps = [(label, protocol, sweep(runs["exhaustive"], SWEEP)) for label, protocol, runs, _ in results] \
+        if args.sweep else []
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
     if args.sweep:
         print("\nsweep: the exhaustive runs' window scores replayed through other parameters (no forwards)")
         print(f"{'model':16s}{'protocol':10s}{'stride top radius':>18s}{'forwards':>10s}{'fewer':>7s}{'same':>8s}"
               f"{'ratio mean / min':>20s}")
-        for label, protocol, runs, _ in results:
-            for row in sweep(runs["exhaustive"], SWEEP):
+        for label, protocol, rows in sweeps:
+            for row in rows:
                 print(f"{label:16s}{protocol:10s}{row['coarse_stride']:>8d}{row['top']:>4d}{row['radius']:>6d}"
                       f"{row['forwards']:10.1f}{row['fewer']:6.2f}x{100 * row['same']:7.1f}%"
                       f"{row['ratio_mean']:>12.4f} / {row['ratio_min']:.4f}")
