@@ -23,7 +23,7 @@ _LAZY = {
     "load_protocol": "occbench.protocol",
     "benchmark": "occbench.engine",
     "run_protocol": "occbench.engine",
-    "merge_runs": "occbench.engine",
+    "merge_runs": "occbench.merge",
     "ScaleOut": "occbench.parallel",
     "load_run": "occbench.results",
     "compare_runs": "occbench.results",

@@ -28,9 +28,9 @@ from occbench import occluders as occ
 from occbench import provenance as prov
 from occbench.checks import check_run_options, safe_folder_name
 from occbench.errors import UserError
-from occbench.evaluate import ChunkContext, evaluate_chunk, load_chunk
+from occbench.evaluate import ChunkContext, crop_from, crop_resolution, evaluate_chunk, load_chunk
 from occbench.protocol import Protocol, load_protocol, validate
-from occbench.rundir import RUN_JSON, RunDir, Shard, copy_chunks, plan_chunks, read_config
+from occbench.rundir import RUN_JSON, RunDir, Shard, existing_config, plan_chunks
 from occbench.runner import Runner, plan_execution
 from occbench.search import SEARCHES, SearchParams
 from occbench.scoring import format_summary, summarize
@@ -156,7 +156,7 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
     out_dir = Path(out_dir)
 
     runner = Runner(model, precision=precision)
-    recorded = _readable_config(out_dir)   # resume: reuse how it ran
+    recorded = existing_config(out_dir)   # resume: reuse how it ran
     if recorded:
         chunk_samples = recorded.get("chunk_samples", chunk_samples)
     window_batch = per_sample * min(chunk_samples, max(1, n_samples))   # most windows one chunk holds
@@ -200,7 +200,7 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
                         "body_model_standin": bool(getattr(body, "is_standin", False)),
                         "geometry_scale": f"{input_size}/224 (rounded half up, each grid position on its own), "
                                           f"occluders drawn at {input_size} px",
-                        "crop_resolution": _crop_resolution(model, dataset, input_size)},
+                        "crop_resolution": crop_resolution(model, dataset, input_size)},
     }
     extra = {
         "dataset_provenance": getattr(dataset, "provenance", None),
@@ -225,41 +225,12 @@ def run_protocol(model, dataset, protocol, out_dir=None, *, seed: int | None = N
     try:
         ctx = ChunkContext(protocol=protocol, runner=runner, input_size=input_size, seed=int(seed),
                            batch_size=int(batch_size), pelvis=pelvis, textures=textures, voc=voc, only=only,
-                           max_windows=max_windows, crop_from=_crop_from(model, dataset, input_size),
+                           max_windows=max_windows, crop_from=crop_from(model, dataset, input_size),
                            search=adaptive)
         return _run_chunks(run, runner, dataset, n_samples, chunk_samples, shard, progress, quiet, ctx,
                            scale=scale, dtd_root=dtd_root, voc_root=voc_root)
     finally:
         run.close()
-
-
-def _crop_from(model, dataset, input_size: int) -> str:
-    """"image" when the model's input is cut from the source image at its input size, else "canonical"."""
-    if input_size != 224 and getattr(model, "crop_from", "image") == "image" and hasattr(dataset, "sample"):
-        return "image"
-    return "canonical"
-
-
-def _crop_resolution(model, dataset, input_size: int) -> str:
-    """How the model's input pixels were made (run.json conventions.crop_resolution)."""
-    if input_size == 224:
-        return "224 px cut from the source image"
-    if _crop_from(model, dataset, input_size) == "image":
-        return f"{input_size} px cut from the source image (the model's own crop; geometry in the 224 px crop)"
-    why = ("the model was trained by occbench on 224 px crops resampled to its input size"
-           if getattr(model, "crop_from", "image") == "canonical" else "the dataset gives 224 px crops only")
-    return f"224 px crop resized to {input_size} px (bilinear): {why}"
-
-
-def _readable_config(out_dir) -> dict | None:
-    """The run.json of an existing run in ``out_dir``, None when there is none or it is damaged (then
-    :meth:`RunDir.open_or_create` decides whether it can be rebuilt)."""
-    if not RunDir.exists(out_dir):
-        return None
-    try:
-        return read_config(out_dir)
-    except (OSError, ValueError):
-        return None
 
 
 def _run_chunks(run: RunDir, runner: Runner, dataset, n_samples, chunk_samples, shard, progress, quiet,
@@ -359,64 +330,6 @@ def execute_chunks(run: RunDir, ctx: ChunkContext, dataset, todo, total: int, pr
             bar.update(end - first)
     bar.close()
     return stats
-
-
-def merge_runs(shard_dirs, out_dir) -> Path:
-    """Join shard run directories of one run into ``out_dir``: identical to the unsharded run."""
-    shards = [RunDir.load(d) for d in shard_dirs]
-    if not shards:
-        raise UserError("merge: give the shard run directories")
-    first = shards[0].config
-    for other in shards[1:]:
-        for key in ("model", "dataset", "protocol", "seed", "precision", "batch_size", "memory_format",
-                    "chunk_samples", "n_samples", "textures", "conventions", "replay", "search"):
-            if json.dumps(other.config.get(key), sort_keys=True) != json.dumps(first.get(key), sort_keys=True):
-                raise UserError(f"merge: {other.path} differs from {shards[0].path} in {key!r}; "
-                                "only shards of one run can be merged")
-    counts = {s.config.get("shard", "").split("/")[-1] if s.config.get("shard") else "1" for s in shards}
-    all_chunks = [c for c, _, _ in plan_chunks(first["n_samples"], first["chunk_samples"])]
-    owner = {}
-    for s in shards:
-        for c in s.done_chunks():
-            owner.setdefault(c, s)
-    missing = [c for c in all_chunks if c not in owner]
-    if missing:
-        raise UserError(f"merge: chunks {missing[:10]} are in none of the shards (a shard is missing or "
-                        f"unfinished; shard counts seen: {sorted(counts)})")
-    config = {**first, "shard": None, "merged_from": [str(s.path.resolve()) for s in shards],
-              "status": "running"}
-    _check_merge_target(Path(out_dir), config)
-    out = RunDir.open_or_create(out_dir, config)
-    try:
-        for c in all_chunks:
-            if not out.has_chunk(c):
-                copy_chunks(owner[c], out, [c])
-        metrics = summarize(out, all_chunks)
-        out.concatenate(all_chunks)
-        out.write_metrics(metrics)
-        out.update(**{**config, "status": "complete"})
-    finally:
-        out.close()
-    print(format_summary(out.config, metrics))
-    print(f"run directory: {out.path}")
-    return out.path
-
-
-def _check_merge_target(out_dir: Path, config: dict) -> None:
-    """``--out`` of a merge must be new, empty, or the same merge (then it is finished again, nothing lost)."""
-    if not out_dir.exists():
-        return
-    if not out_dir.is_dir():
-        raise UserError(f"merge: --out {out_dir} is a file; pass a new folder")
-    if RunDir.exists(out_dir):
-        old = _readable_config(out_dir) or {}
-        if old.get("merged_from") != config["merged_from"]:
-            what = f"a merge of {old['merged_from']}" if old.get("merged_from") else "another run"
-            raise UserError(f"merge: --out {out_dir} holds another run ({what}); merging would overwrite it; "
-                            "pass a new --out")
-        return
-    if any(p.name != ".lock" for p in out_dir.iterdir()):
-        raise UserError(f"merge: --out {out_dir} is not empty; pass a new or empty folder")
 
 
 def benchmark(model="pare", protocol="clean", dataset="demo", *, out_dir=None, weights="checkpoint",

@@ -82,6 +82,24 @@ def load_chunk(ctx: ChunkContext, dataset, start: int, end: int):
     return load_samples(dataset, start, end, ctx.input_size if ctx.crop_from == "image" else None)
 
 
+def crop_from(model, dataset, input_size: int) -> str:
+    """"image" when the model's input is cut from the source image at its input size, else "canonical"."""
+    if input_size != 224 and getattr(model, "crop_from", "image") == "image" and hasattr(dataset, "sample"):
+        return "image"
+    return "canonical"
+
+
+def crop_resolution(model, dataset, input_size: int) -> str:
+    """How the model's input pixels were made (run.json conventions.crop_resolution)."""
+    if input_size == 224:
+        return "224 px cut from the source image"
+    if crop_from(model, dataset, input_size) == "image":
+        return f"{input_size} px cut from the source image (the model's own crop; geometry in the 224 px crop)"
+    why = ("the model was trained by occbench on 224 px crops resampled to its input size"
+           if getattr(model, "crop_from", "image") == "canonical" else "the dataset gives 224 px crops only")
+    return f"224 px crop resized to {input_size} px (bilinear): {why}"
+
+
 def prepare_sample(ctx: ChunkContext, index: int, sample) -> PreparedSample:
     """Validated reference arrays + window table of one sample; raises UserError with the reason."""
     crop = np.asarray(sample.crop)

@@ -164,6 +164,18 @@ def read_config(run_path) -> dict:
     return json.loads((Path(run_path) / RUN_JSON).read_text())
 
 
+def existing_config(run_path) -> dict | None:
+    """run.json of a run in ``run_path``; None when there is none or it is damaged (then
+    :meth:`RunDir.open_or_create` decides whether it can be rebuilt)."""
+    if not (Path(run_path) / RUN_JSON).is_file():
+        return None
+    try:
+        config = read_config(run_path)
+    except (OSError, ValueError):
+        return None
+    return config if isinstance(config, dict) else None
+
+
 def read_metrics(run_path) -> dict:
     """metrics.json of a finished run directory ({} when it has none)."""
     path = Path(run_path) / METRICS_JSON

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from occbench.data.sample import Sample
-from occbench.engine import run_protocol, merge_runs
+from occbench.engine import run_protocol
+from occbench.merge import merge_runs
 from occbench.errors import UserError
 from occbench.models.base import ZooModel
 from occbench.protocol import load_protocol

@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 
 import occbench
-from occbench.engine import merge_runs, run_protocol
+from occbench.engine import run_protocol
+from occbench.merge import merge_runs
 from occbench.errors import UserError
 from occbench.rundir import RunDir
 

@@ -171,5 +171,5 @@ def run(model_name, protocol_name, dataset, dataset_root, checkpoint, checkpoint
 @click.option("--out", "out_dir", required=True, help="Run directory of the merged run.")
 def merge(shard_dirs, out_dir):
     """Join the shard run directories of one run (`occbench run --shard k/N`) into one run directory."""
-    from occbench.engine import merge_runs
+    from occbench.merge import merge_runs
     merge_runs(shard_dirs, out_dir)

@@ -15,7 +15,7 @@ from pathlib import Path
 from occbench.assets import MissingAssetError, asset_dir
 from occbench.data.base import Dataset, file_provenance
 from occbench.data.crop import DEFAULT_BBOX_FACTOR
-from occbench.data.readers import load_npz, read_3dpw_sequences, read_humandata, read_spin_npz
+from occbench.data.readers import read_3dpw_sequences, read_humandata, read_spin_npz
 from occbench.errors import UserError
 
 DEFAULT_DATASET = "demo"
