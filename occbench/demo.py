@@ -44,7 +44,6 @@ def main(argv=None) -> Path:
 
     from occbench.data import open_dataset
     from occbench.engine import run_protocol
-    from occbench.scoring import format_summary
     from occbench.protocol import load_protocol
     from occbench.report import write_report
     from occbench.parallel import ScaleOut

@@ -98,7 +98,7 @@ def _primitives() -> list[_Primitive]:
             k = index if side > 0 else _MIRROR[index]
             return tuple(J[k]), k
         (hip, p_hip), (knee, p_knee), (ankle, p_ankle) = j(1), j(4), j(7)
-        (sho, p_sho), (elb, p_elb), (wri, p_wri), (hand, p_hand) = j(16), j(18), j(20), j(22)
+        (sho, p_sho), (elb, p_elb), (wri, p_wri), (_, p_hand) = j(16), j(18), j(20), j(22)
         p_foot = j(10)[1]
         x = side
         prims += [

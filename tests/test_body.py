@@ -11,7 +11,7 @@ import torch
 
 from occbench.assets import MissingAssetError
 from occbench.data.joints import H36M_TO_J14
-from occbench.body import (SMPL24_TO_H36M, BodyModel, load_body_model, load_mean_params,
+from occbench.body import (SMPL24_TO_H36M, load_body_model, load_mean_params,
                            vertex_part_labels)
 from occbench.errors import UserError
 from occbench.rotations import axis_angle_to_rotmat, rot6d_to_rotmat

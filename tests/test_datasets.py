@@ -13,7 +13,7 @@ from occbench.body import load_body_model
 from occbench.data import BadSample, open_dataset
 from occbench.data.crop import bbox_from_keypoints, crop_image, crop_transform, inverse_transform_points, \
     transform_points
-from occbench.data.joints import H36M_TO_J14, J24_TO_J14
+from occbench.data.joints import J24_TO_J14
 from occbench.errors import UserError
 from occbench.standin import standin_dir
 

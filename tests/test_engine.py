@@ -23,7 +23,6 @@ from occbench.engine import run_protocol
 from occbench.merge import merge_runs
 from occbench.errors import UserError
 from occbench.models.base import ZooModel
-from occbench.protocol import load_protocol
 
 TESTS = Path(__file__).resolve().parent
 

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
-from runfactory import N_J, const, write_predictions, write_run
+from runfactory import const, write_predictions, write_run
 
 from occbench.heatmaps import color_range
 from occbench.report import heatmap_panels, write_report

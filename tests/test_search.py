@@ -210,7 +210,7 @@ def test_adaptive_run_is_recorded_reported_and_flagged(demo_runs):
     assert "search" not in json.loads((exhaustive / "run.json").read_text())
     note = load_run(adaptive).search_note
     assert note.startswith("adaptive worst-window search (coarse stride 3, top 4, radius 2): ") and \
-        f"of 400 windows per sample" in note and note in load_run(adaptive).warnings()
+        "of 400 windows per sample" in note and note in load_run(adaptive).warnings()
     assert load_run(exhaustive).search_note == "" and note not in load_run(exhaustive).warnings()
     metrics = json.loads((adaptive / "metrics.json").read_text())
     assert f"{cost['windows_per_sample']} of 400 windows per sample" in format_summary(config, metrics)
