@@ -38,6 +38,7 @@ import os
 import shutil
 import socket
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from occbench.assets import sha256_of
 from occbench.data.joints import LSP14_NAMES
 from occbench.errors import UserError
 from occbench.windows import TABLE_COLUMNS
@@ -193,17 +195,28 @@ def _os_error(path: Path, err: OSError, doing: str) -> UserError:
     return UserError(f"{doing} {path}: {why}")
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+@contextmanager
+def _atomic(path: Path):
+    """Yield a temporary name next to ``path``; renamed onto ``path`` when the block ends, removed when the
+    write fails (an OSError becomes the one-line error of :func:`_os_error`)."""
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
+        yield tmp
         os.replace(tmp, path)
     except OSError as err:
         _discard(tmp)
         raise _os_error(path, err, "cannot write") from None
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    with _atomic(path) as tmp:
+        tmp.write_bytes(data)
+        _fsync(tmp)
 
 
 def _discard(path: Path) -> None:
@@ -232,22 +245,11 @@ def _json_default(value):
 
 def _atomic_write_table(table: pa.Table, path: Path) -> str:
     """Write ``table`` to ``path`` atomically; return the file's sha256."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
+    with _atomic(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as handle:
-            digest = hashlib.sha256(handle.read()).hexdigest()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        _discard(tmp)
-        raise _os_error(path, err, "cannot write") from None
+        _fsync(tmp)
+        digest = sha256_of(tmp)
     return digest
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as handle:
-        return hashlib.sha256(handle.read()).hexdigest()
 
 
 def identity_of(config: dict) -> str:
@@ -453,7 +455,7 @@ class RunDir:
                     pq.read_metadata(file)
                 except Exception as err:   # noqa: BLE001 - any parse failure means a damaged file
                     return f"{file.name} cannot be read ({type(err).__name__})"
-            elif _sha256(file) != digest:
+            elif sha256_of(file) != digest:
                 return f"{file.name} does not match its checksum"
         return None
 
@@ -501,22 +503,16 @@ class RunDir:
     def concatenate(self, chunks: list[int]) -> None:
         """Write joints/samples/failed.parquet as the given chunks in order, one chunk in memory at a time."""
         for name in TABLES:
-            target = table_path(self.path, name)
-            tmp = target.with_name(target.name + f".tmp{os.getpid()}")
-            writer = None
-            try:
+            if not chunks:
+                raise UserError(f"{self.path}: no complete chunk to write {name}.parquet from")
+            with _atomic(table_path(self.path, name)) as tmp:
+                writer = None
                 for chunk in chunks:
                     table = self.read_chunk(chunk, name)
                     if writer is None:
                         writer = pq.ParquetWriter(tmp, table.schema, compression="zstd")
                     writer.write_table(table)
-                if writer is None:
-                    raise UserError(f"{self.path}: no complete chunk to write {name}.parquet from")
                 writer.close()
-                os.replace(tmp, target)
-            except OSError as err:
-                _discard(tmp)
-                raise _os_error(target, err, "cannot write") from None
 
 
 def _read_marker(path: Path) -> dict | None:
@@ -543,15 +539,9 @@ def copy_chunks(source: RunDir, target: RunDir, chunks: list[int]) -> None:
     for chunk in chunks:
         digests = {}
         for name in TABLES:
-            src = source.chunk_path(chunk, f"{name}.parquet")
             dst = target.chunk_path(chunk, f"{name}.parquet")
-            tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
-            try:
-                shutil.copyfile(src, tmp)
-                os.replace(tmp, dst)
-            except OSError as err:
-                _discard(tmp)
-                raise _os_error(dst, err, "cannot write") from None
-            digests[name] = _sha256(dst)
+            with _atomic(dst) as tmp:
+                shutil.copyfile(source.chunk_path(chunk, f"{name}.parquet"), tmp)
+            digests[name] = sha256_of(dst)
         marker = {"identity": identity_of(target.config), "files": digests}
         _atomic_write_bytes(target.chunk_path(chunk, "done"), (json.dumps(marker) + "\n").encode())
